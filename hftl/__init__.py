@@ -1,0 +1,1 @@
+"""hftl: transfer learning for vision on the Hugging Face stack."""

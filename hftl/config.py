@@ -1,0 +1,224 @@
+"""Typed run configuration: one name, one default and one help text per option.
+
+Every recipe parses the same dataclasses. A YAML file given with `--config` sets defaults; command-line flags
+override it (`--learning_rate 1e-4` and `--learning-rate 1e-4` both work).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+STRATEGIES = ("linear-probe", "frozen-backbone", "full", "lora", "gradual-unfreeze")
+
+
+@dataclass
+class DataArgs:
+    dataset: str = field(
+        default="hftl/digits",
+        metadata={"help": "Hub dataset id, a local folder, or a bundled name (hftl/digits, hftl/shapes-detection, …)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Dataset revision (branch, tag or commit)."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on each epoch (default: 'validation'/'valid'/'val')."}
+    )
+    test_split: str | None = field(default=None, metadata={"help": "Split for the final test (default: 'test')."})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of train held out (stratified) when the dataset has no validation."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: auto-detect)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: auto-detect)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many train rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many eval/test rows."})
+    shots: int | None = field(default=None, metadata={"help": "Few-shot: K labelled train images per class (seeded)."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Square input size; overrides the image processor's (small = fast on CPU)."}
+    )
+    augment: bool = field(default=True, metadata={"help": "Train-time augmentation (random resized crop, flip)."})
+    crop_scale_min: float = field(default=0.6, metadata={"help": "Smallest area fraction of the random crop."})
+    hflip: bool = field(default=True, metadata={"help": "Random horizontal flip (turn off for digits, text, …)."})
+    on_bad_image: str = field(
+        default="error", metadata={"help": "'error': stop naming the corrupt image; 'skip': drop it and count."}
+    )
+    # semantic segmentation (hftl/tasks/segmentation.py)
+    id2label: str | None = field(
+        default=None,
+        metadata={"help": "Segmentation: class id → name JSON (a file, or repo_id:file in a Hub dataset repo)."},
+    )
+    reduce_labels: bool | None = field(
+        default=None,
+        metadata={"help": "Segmentation: mask value 0 is 'other/background' to ignore, k becomes k-1 (ADE20k)."},
+    )
+    ignore_index: int = field(
+        default=255, metadata={"help": "Segmentation: mask value never counted in loss or metrics."}
+    )
+    mask_palette: str | None = field(
+        default=None, metadata={"help": "Segmentation: JSON {class: [r, g, b]} to read RGB colour masks."}
+    )
+    # object detection (hftl/tasks/detection.py)
+    box_format: str = field(
+        default="coco",
+        metadata={"help": "Detection: box layout in the objects column: coco [x, y, w, h], xyxy, or cxcywh (pixels)."},
+    )
+
+
+@dataclass
+class ModelArgs:
+    model: str = field(
+        default="hftl/efficientnet-lite0",
+        metadata={"help": "Hub model id, local folder, or bundled name (hftl/efficientnet-lite0)."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Model revision (branch, tag or commit)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the model repo."})
+
+
+@dataclass
+class StrategyArgs:
+    strategy: str = field(default="full", metadata={"help": f"How to adapt the model: {', '.join(STRATEGIES)}."})
+    layer_decay: float | None = field(
+        default=None, metadata={"help": "Layer-wise LR decay (full, gradual-unfreeze): lr × decay^(depth from top)."}
+    )
+    unfreeze_every: int = field(
+        default=1, metadata={"help": "gradual-unfreeze: epochs between unfreezing the next block group."}
+    )
+    unfreeze_groups: int = field(
+        default=4, metadata={"help": "gradual-unfreeze: number of backbone block groups, unfrozen top first."}
+    )
+    head_lr_scale: float = field(default=1.0, metadata={"help": "Multiplier on the learning rate of the head."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str | None = field(
+        default=None, metadata={"help": "Comma-separated module names for LoRA (default: per architecture)."}
+    )
+    lora_method: str = field(default="lora", metadata={"help": "PEFT method: lora, dora, or loha."})
+    merge_lora: bool = field(
+        default=True, metadata={"help": "Also save merged weights so plain pipeline() loads the output folder."}
+    )
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where the model folder and results go."})
+    num_epochs: int = field(default=5, metadata={"help": "Training epochs."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    batch_size: int = field(default=32, metadata={"help": "Per-device train batch size."})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "Per-device eval batch size (default 2×)."})
+    learning_rate: float = field(default=1.0e-3, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms and biases)."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd."})
+    scheduler: str = field(default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps for linear warmup."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps to accumulate per update."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing for classification."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (GPU); bf16 also on CPU."})
+    seed: int = field(default=42, metadata={"help": "Seed for data order, augmentation, init and splits."})
+    eval_every_epochs: int = field(default=1, metadata={"help": "Evaluate every N epochs."})
+    metric_for_best: str | None = field(
+        default=None, metadata={"help": "Metric for best-model selection and early stopping (default per task)."}
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without improvement."}
+    )
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save a checkpoint every N steps."})
+    checkpoint_every_epoch: bool = field(default=True, metadata={"help": "Save a checkpoint at each epoch end."})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest in output_dir."}
+    )
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate trackers: tensorboard, none, …"})
+    channels_last: bool = field(default=False, metadata={"help": "Use channels_last memory format (CNNs)."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    cache_features: bool = field(
+        default=True, metadata={"help": "linear-probe: compute frozen-backbone features once and train the head."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty folder."})
+
+
+@dataclass
+class HubArgs:
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the result to the Hub at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repo id to push to (user/name)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the repo private."})
+    hub_revision: str | None = field(default=None, metadata={"help": "Branch to push to (default main)."})
+    publish_space: str | None = field(default=None, metadata={"help": "Also publish a Gradio demo Space (user/name)."})
+    license: str = field(default="apache-2.0", metadata={"help": "License written in the model card."})
+
+
+CONFIG_CLASSES = (DataArgs, ModelArgs, StrategyArgs, TrainArgs, HubArgs)
+
+
+@dataclass
+class RunConfig:
+    data: DataArgs
+    model: ModelArgs
+    strategy: StrategyArgs
+    train: TrainArgs
+    hub: HubArgs
+
+    def to_dict(self) -> dict:
+        return {group: vars(getattr(self, group)).copy() for group in ("data", "model", "strategy", "train", "hub")}
+
+
+def _read_yaml(path: str) -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Config file {path!r} not found.")
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"Config file {path!r} must hold a mapping of option: value.")
+    return loaded
+
+
+def _check_values(config: dict, known: dict) -> None:
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown config option(s) {unknown}. Run with --help for the list.")
+    for key, value in config.items():
+        if "float" in str(known[key]) and isinstance(value, str):
+            # PyYAML reads 5e-5 (no dot) as a string: say so rather than fail deep inside the optimizer.
+            raise ValueError(f"Option {key}: {value!r} is a string; write floats with a dot, e.g. 5.0e-5.")
+
+
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> RunConfig:
+    """YAML (`--config`) < recipe defaults < command line."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(CONFIG_CLASSES)
+    parser.add_argument("--config", default=None, help="YAML file of options; command-line flags override it.")
+    known = {f.name: f.type for cls in CONFIG_CLASSES for f in fields(cls)}
+    merged = dict(defaults or {})
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        merged.update(_read_yaml(pre.config))
+    _check_values(merged, known)
+    parser.set_defaults(**merged)
+    # returns the dataclasses, a namespace holding --config, and the unparsed strings
+    *groups, _, extra = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if extra:
+        raise ValueError(f"Unrecognised arguments {extra}. Run with --help for the list.")
+    config = RunConfig(*groups)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    if config.strategy.strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {config.strategy.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    if config.data.on_bad_image not in ("error", "skip"):
+        raise ValueError("--on_bad_image must be 'error' or 'skip'.")
+    if config.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError("--mixed_precision must be no, bf16 or fp16.")
+    if config.train.scheduler not in ("cosine", "linear", "constant"):
+        raise ValueError("--scheduler must be cosine, linear or constant.")
+    if config.hub.push_to_hub and not config.hub.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id user/name.")
+    if config.data.shots is not None and config.data.shots < 1:
+        raise ValueError("--shots must be a positive number of images per class.")

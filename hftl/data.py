@@ -1,0 +1,157 @@
+"""Datasets from the Hub, a local folder or the bundled set; splits, subsets, few-shot sampling, image checks.
+
+Everything here runs before any model is loaded, so a bad dataset fails in seconds with a message that says
+what to change.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from collections import defaultdict
+
+from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import Image as ImageFeature
+from PIL import Image, UnidentifiedImageError
+
+VALIDATION_NAMES = ("validation", "valid", "val", "dev", "eval")
+TEST_NAMES = ("test", "testing")
+
+
+def load_dataset_dict(data_args, task) -> DatasetDict:
+    from hftl.bundled import BUNDLED_DATASETS, load_bundled_dataset
+
+    name = data_args.dataset
+    if name in BUNDLED_DATASETS:
+        return load_bundled_dataset(name)
+    if os.path.isdir(name):
+        return task.load_local(name, data_args)
+    if os.path.exists(name) or name.startswith((".", "/")):
+        raise FileNotFoundError(f"Dataset path {name!r} is not a folder.")
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, data_args.dataset_config, revision=data_args.dataset_revision)
+    except Exception as error:  # the datasets library raises many types here; all mean "cannot get it"
+        raise ValueError(
+            f"Dataset {name!r} could not be loaded ({type(error).__name__}: {error}). It is not a bundled name "
+            f"({', '.join(BUNDLED_DATASETS)}), nor a local folder; as a Hub id it needs network access, or a local "
+            "endpoint (`hftl hub serve` + HF_ENDPOINT)."
+        ) from None
+    if not isinstance(loaded, DatasetDict):
+        loaded = DatasetDict({"train": loaded})
+    return loaded
+
+
+def standard_splits(dsd: DatasetDict, data_args, seed: int, stratify_column: str | None = None) -> DatasetDict:
+    """Returns train/validation/test. A missing validation split is carved from train (stratified when labels
+    allow); a missing test split falls back to validation (and says so)."""
+    if data_args.train_split not in dsd:
+        raise ValueError(f"Split {data_args.train_split!r} not found; the dataset has {list(dsd)} (--train_split).")
+    train = dsd[data_args.train_split]
+    validation = _pick(dsd, data_args.validation_split, VALIDATION_NAMES, "--validation_split")
+    test = _pick(dsd, data_args.test_split, TEST_NAMES, "--test_split")
+    if validation is None:
+        stratify = stratify_column if _can_stratify(train, stratify_column) else None
+        parts = train.train_test_split(test_size=data_args.validation_fraction, seed=seed, stratify_by_column=stratify)
+        train, validation = parts["train"], parts["test"]
+    if test is None:
+        print("No test split: test metrics are computed on the validation split.")
+        test = validation
+    out = DatasetDict({"train": train, "validation": validation, "test": test})
+    for split, ds in out.items():
+        if len(ds) == 0:
+            raise ValueError(f"The {split} split is empty.")
+    return out
+
+
+def subsample(dsd: DatasetDict, data_args, seed: int, label_column: str | None = None) -> DatasetDict:
+    out = dict(dsd)
+    if data_args.shots is not None:
+        out["train"] = few_shot(dsd["train"], label_column, data_args.shots, seed)
+    if data_args.max_train_samples is not None:
+        out["train"] = _head(out["train"].shuffle(seed=seed), data_args.max_train_samples)
+    if data_args.max_eval_samples is not None:
+        for split in ("validation", "test"):
+            out[split] = _head(out[split], data_args.max_eval_samples)
+    return DatasetDict(out)
+
+
+def few_shot(train: Dataset, label_column: str | None, shots: int, seed: int) -> Dataset:
+    """K images per class, chosen with `seed`; every class must have at least K."""
+    if label_column is None:
+        raise ValueError("--shots needs a classification label column.")
+    by_class = defaultdict(list)
+    for index, label in enumerate(train[label_column]):
+        by_class[label].append(index)
+    short = {label: len(idx) for label, idx in by_class.items() if len(idx) < shots}
+    if short:
+        names = train.features[label_column].names if isinstance(train.features[label_column], ClassLabel) else None
+        shown = {names[k] if names else k: v for k, v in sorted(short.items())}
+        raise ValueError(f"--shots {shots} is more than some classes have in train: {shown}. Lower --shots.")
+    rng = random.Random(seed)
+    chosen = sorted(i for label in sorted(by_class) for i in rng.sample(by_class[label], shots))
+    return train.select(chosen)
+
+
+def check_images(dsd: DatasetDict, image_column: str, on_bad_image: str = "error") -> DatasetDict:
+    """Opens every image once (header and data) so a corrupt file is named before training starts."""
+    out = {}
+    for split, ds in dsd.items():
+        if not isinstance(ds.features.get(image_column), ImageFeature):
+            out[split] = ds
+            continue
+        raw = ds.cast_column(image_column, ImageFeature(decode=False))
+        bad = [(i, _describe(item)) for i, item in enumerate(raw[image_column]) if not _image_ok(item)]
+        if bad and on_bad_image == "error":
+            where = ", ".join(f"row {i} ({what})" for i, what in bad[:5])
+            raise ValueError(
+                f"{len(bad)} unreadable image(s) in the {split} split: {where}. Fix or remove them, or pass "
+                "--on_bad_image skip to drop them."
+            )
+        if bad:
+            print(f"Skipping {len(bad)} unreadable image(s) in the {split} split.")
+            keep = sorted(set(range(len(ds))) - {i for i, _ in bad})
+            ds = ds.select(keep)
+        out[split] = ds
+    return DatasetDict(out)
+
+
+def _image_ok(item) -> bool:
+    if item is None:
+        return False
+    try:
+        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+        with Image.open(source) as image:
+            image.load()
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError):
+        return False
+
+
+def _describe(item) -> str:
+    if item is None:
+        return "missing"
+    return item.get("path") or f"{len(item.get('bytes') or b'')} bytes"
+
+
+def _pick(dsd: DatasetDict, requested: str | None, names: tuple, option: str):
+    if requested is not None:
+        if requested not in dsd:
+            raise ValueError(f"Split {requested!r} ({option}) not found; the dataset has {list(dsd)}.")
+        return dsd[requested]
+    return next((dsd[n] for n in names if n in dsd), None)
+
+
+def _can_stratify(ds: Dataset, column: str | None) -> bool:
+    if not column or not isinstance(ds.features.get(column), ClassLabel):
+        return False
+    counts = defaultdict(int)
+    for label in ds[column]:
+        counts[label] += 1
+    return min(counts.values()) >= 2
+
+
+def _head(ds: Dataset, n: int) -> Dataset:
+    return ds.select(range(min(n, len(ds))))

@@ -1,0 +1,101 @@
+"""Model and image-processor loading shared by the tasks: bundled names, clear errors, input size overrides."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def ensure_rgb(image) -> Image.Image:
+    """Grayscale, palette, RGBA/LA (composited on white) and CMYK images become RGB."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.convert("RGBA").getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        span = max(float(array.max() - array.min()), 1e-6)
+        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def resolve_model_path(name: str) -> str:
+    from hftl.bundled import resolve_model
+
+    return resolve_model(name)
+
+
+def load_model_and_processor(auto_model_class, model_args, id2label: dict, **model_kwargs):
+    """`from_pretrained` with a fresh head sized to `id2label`; unknown ids fail before any weights load."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    path = resolve_model_path(model_args.model)
+    common = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
+    try:
+        AutoConfig.from_pretrained(path, **common)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Model {model_args.model!r} could not be loaded: it is not a local folder, a bundled model "
+            "(hftl/efficientnet-lite0), or a Hub repo reachable from here. Check the id and your network; offline, "
+            f"start `hftl hub serve` and `hftl hub seed` and set HF_ENDPOINT. ({type(error).__name__}: {error})"
+        ) from None
+    id2label = {int(k): v for k, v in id2label.items()}
+    model = auto_model_class.from_pretrained(
+        path,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        ignore_mismatched_sizes=True,
+        **common,
+        **model_kwargs,
+    )
+    processor = AutoImageProcessor.from_pretrained(path, **common)
+    return model, processor
+
+
+def _is_timm(processor) -> bool:
+    return hasattr(processor, "data_config") and hasattr(processor, "val_transforms")
+
+
+def processor_input_size(processor) -> int:
+    if _is_timm(processor):
+        return int(processor.data_config["input_size"][-1])
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop:
+        return int(crop.get("height") or crop.get("width"))
+    size = processor.size
+    return int(size.get("height") or size.get("shortest_edge") or size.get("width"))
+
+
+def processor_mean_std(processor) -> tuple[tuple, tuple]:
+    if _is_timm(processor):
+        return tuple(processor.data_config["mean"]), tuple(processor.data_config["std"])
+    mean = getattr(processor, "image_mean", None) or IMAGENET_MEAN
+    std = getattr(processor, "image_std", None) or IMAGENET_STD
+    return tuple(mean), tuple(std)
+
+
+def resize_processor(processor, model_config, size: int) -> None:
+    """Sets the processor's input size in place, and in the model config for timm models, whose processor is
+    rebuilt from `config.json` on load: the saved folder then preprocesses at the size it was trained at."""
+    if _is_timm(processor):
+        cfg = dict(getattr(model_config, "pretrained_cfg", None) or {})
+        cfg.update(input_size=[3, size, size], test_input_size=[3, size, size], crop_pct=1.0)
+        model_config.pretrained_cfg = cfg
+        processor.__init__(pretrained_cfg=cfg, architecture=getattr(processor, "architecture", None))
+        return
+    if "shortest_edge" in processor.size:
+        processor.size = {"shortest_edge": size}
+    else:
+        processor.size = {"height": size, "width": size}
+    if getattr(processor, "crop_size", None):
+        processor.crop_size = {"height": size, "width": size}

@@ -1,0 +1,198 @@
+"""One run, for any task: config → data → model → strategy → train → test → save → (push, Space).
+
+Recipes call `run(task_name)`; tests call it with an argv list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hftl.config import RunConfig, parse_config
+from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
+from hftl.models import apply_strategy
+from hftl.tasks import get_task
+from hftl.trainer import evaluate, make_loader, train
+
+RESULTS_FILE = "all_results.json"
+
+
+def run(task_name: str, argv: list[str] | None = None, defaults: dict | None = None) -> dict:
+    config = parse_config(argv, defaults)
+    return run_config(task_name, config)
+
+
+def _make_accelerator(config: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    train_args = config.train
+    trackers = None if train_args.report_to in ("none", "", None) else train_args.report_to.split(",")
+    precision = train_args.mixed_precision
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(
+            project_dir=train_args.output_dir, logging_dir=str(Path(train_args.output_dir) / "runs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def _check_output_dir(config: RunConfig) -> None:
+    out = Path(config.train.output_dir)
+    if (out / "config.json").exists() and not (config.train.overwrite_output_dir or config.train.resume_from_checkpoint):
+        raise FileExistsError(
+            f"{out} already holds a model. Pass --overwrite_output_dir, --resume_from_checkpoint latest, "
+            "or another --output_dir."
+        )
+
+
+def prepare_data(task, config: RunConfig):
+    """Loads and checks the dataset; returns (DatasetDict with train/validation/test, label names)."""
+    data_args, seed = config.data, config.train.seed
+    dsd = load_dataset_dict(data_args, task)
+    dsd = standard_splits(dsd, data_args, seed, stratify_column=data_args.label_column or "label")
+    names = task.label_names(dsd, data_args)
+    if hasattr(task, "encode_labels"):
+        dsd = task.encode_labels(dsd, names)
+    dsd = subsample(dsd, data_args, seed, getattr(task, "label_column", None))
+    if getattr(task, "image_column", None):
+        dsd = check_images(dsd, task.image_column, data_args.on_bad_image)
+    return dsd, names
+
+
+def run_config(task_name: str, config: RunConfig) -> dict:
+    started = time.perf_counter()
+    _check_output_dir(config)
+    accelerator = _make_accelerator(config)
+    task = get_task(task_name, config)
+    with accelerator.main_process_first():
+        dsd, names = prepare_data(task, config)
+    id2label = dict(enumerate(names))
+    accelerator.print(
+        f"data: {config.data.dataset}: {len(names)} classes; "
+        + ", ".join(f"{split} {len(ds)}" for split, ds in dsd.items())
+    )
+    model, processor = task.load_model(config.model, id2label)
+    adapted = apply_strategy(model, task, config.strategy, config.train.learning_rate)
+    accelerator.print(f"strategy {config.strategy.strategy}: {adapted.summary()}")
+    prepared = task.prepare(dsd, processor, config.data)
+
+    if accelerator.is_main_process:
+        Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
+    if config.train.report_to not in ("none", "", None):
+        accelerator.init_trackers("hftl", config=_flat_hparams(config))
+
+    main_metric = config.train.metric_for_best or task.main_metric
+    greater = not main_metric.endswith("loss") and getattr(task, "greater_is_better", True)
+    result = train(
+        task,
+        adapted,
+        prepared["train"],
+        prepared["validation"],
+        task.collate,
+        config.train,
+        accelerator,
+        id2label,
+        main_metric,
+        greater,
+    )
+    model = accelerator.unwrap_model(adapted.model)
+
+    eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
+    test_loader = accelerator.prepare(
+        make_loader(prepared["test"], task.collate, eval_bs, False, config.train.seed, config.train.num_workers)
+    )
+    test_metrics, test_evaluator = evaluate(task, accelerator.prepare(model), test_loader, accelerator, id2label)
+    accelerator.print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))
+
+    results = {
+        "task": task_name,
+        "pipeline_tag": task.pipeline_tag,
+        "model": config.model.model,
+        "dataset": config.data.dataset,
+        "strategy": config.strategy.strategy,
+        "metric_for_best": main_metric,
+        "labels": names,
+        "num_samples": {split: len(ds) for split, ds in dsd.items()},
+        "trainable_parameters": adapted.trainable,
+        "total_parameters": adapted.total,
+        "train": {
+            "seconds": round(result.train_seconds, 2),
+            "samples_per_second": round(result.train_samples_per_second, 2),
+            "epochs": result.state.epoch,
+            "steps": result.state.step,
+            "best_epoch": result.state.best_epoch,
+        },
+        "eval": {k.removeprefix("eval_"): v for k, v in result.best_metrics.items() if k.startswith("eval_")},
+        "test": test_metrics,
+        "history": result.state.history,
+        "hardware": _hardware(accelerator),
+        "config": config.to_dict(),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out = Path(config.train.output_dir)
+        test_evaluator.save_artifacts(out, "test")
+        save_model(model, processor, config, out)
+        results["run_seconds"] = round(time.perf_counter() - started, 2)
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+        accelerator.print(f"saved {out}  (run {results['run_seconds']:.1f}s)")
+    accelerator.wait_for_everyone()
+    if config.train.report_to not in ("none", "", None):
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        publish(config, results)
+    return results
+
+
+def save_model(model, processor, config: RunConfig, out: Path) -> None:
+    """A standard Hugging Face folder; LoRA runs also keep the adapter (in `adapter/`), merged by option."""
+    if hasattr(model, "peft_config"):
+        for peft_config in model.peft_config.values():
+            # record the id the user named, not the local cache path it resolved to
+            peft_config.base_model_name_or_path = config.model.model
+        model.save_pretrained(out / "adapter")
+        processor.save_pretrained(out / "adapter")
+        if not config.strategy.merge_lora:
+            return
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def publish(config: RunConfig, results: dict) -> None:
+    if config.hub.push_to_hub:
+        from hftl.hub.push import push_run
+
+        url = push_run(config.train.output_dir, config.hub.hub_model_id, private=config.hub.hub_private,
+                       revision=config.hub.hub_revision, license=config.hub.license)
+        print(f"pushed: {url}")
+    if config.hub.publish_space:
+        from hftl.spaces import publish_space
+
+        model_id = config.hub.hub_model_id if config.hub.push_to_hub else None
+        if model_id is None:
+            raise ValueError("--publish_space needs --push_to_hub: the Space loads the model from the Hub.")
+        print(f"space: {publish_space(model_id, config.hub.publish_space, task=results['pipeline_tag'])}")
+
+
+def _hardware(accelerator) -> str:
+    if torch.cuda.is_available():
+        return f"{accelerator.num_processes}× {torch.cuda.get_device_name(0)}"
+    return f"{accelerator.num_processes} process(es) on CPU ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def _flat_hparams(config: RunConfig) -> dict:
+    flat = {}
+    for group, values in config.to_dict().items():
+        for key, value in values.items():
+            flat[f"{group}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat

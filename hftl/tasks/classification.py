@@ -1,0 +1,239 @@
+"""Image classification: what differs from the other tasks, and nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, DatasetDict, Image, Value
+
+from hftl.models import last_linear_named, peft_base
+from hftl.processing import ensure_rgb, load_model_and_processor, processor_mean_std, resize_processor
+
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
+LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label", "coarse_label")
+
+# LoRA targets: attention projections for transformers (names differ across transformers versions), the wide
+# convolutions for CNNs. Only the names a model actually has are used.
+ATTENTION_TARGETS = ["q_proj", "v_proj", "query", "value", "qkv"]
+LORA_TARGETS = {
+    "convnext": ["pwconv1", "pwconv2"],
+    "resnet": ["convolution"],
+    "timm_wrapper": ["qkv", "conv_pw", "conv_pwl", "conv1", "conv2", "conv_head"],
+}
+
+
+class ClassificationTask:
+    name = "classification"
+    pipeline_tag = "image-classification"
+    main_metric = "accuracy"
+    greater_is_better = True
+
+    def __init__(self, config=None):
+        self.config = config
+        self.label_smoothing = config.train.label_smoothing if config is not None else 0.0
+        self.image_column = None
+        self.label_column = None
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    def load_local(self, path: str, data_args) -> DatasetDict:
+        from datasets import load_dataset
+
+        return load_dataset("imagefolder", data_dir=path)
+
+    def label_names(self, dsd: DatasetDict, data_args) -> list[str]:
+        """Finds (or checks) the image and label columns and returns the class names; errors name the fix."""
+        train = dsd["train"]
+        features = train.features
+        self.image_column = data_args.image_column or _detect(
+            features, lambda f: isinstance(f, Image), IMAGE_COLUMN_NAMES, "image", "--image_column"
+        )
+        self.label_column = data_args.label_column or _detect(
+            features, lambda f: isinstance(f, ClassLabel), LABEL_COLUMN_NAMES, "label", "--label_column"
+        )
+        for column, option in ((self.image_column, "--image_column"), (self.label_column, "--label_column")):
+            if column not in features:
+                raise ValueError(f"Column {column!r} ({option}) not in the dataset; columns: {list(features)}.")
+        feature = features[self.label_column]
+        if isinstance(feature, ClassLabel):
+            return list(feature.names)
+        if isinstance(feature, Value) and feature.dtype == "string":
+            return sorted(set().union(*(set(split[self.label_column]) for split in dsd.values())))
+        if isinstance(feature, Value) and feature.dtype.startswith(("int", "uint")):
+            top = max(max(split[self.label_column]) for split in dsd.values() if len(split))
+            return [str(i) for i in range(top + 1)]
+        raise ValueError(
+            f"Label column {self.label_column!r} has type {feature!r}; it must be a ClassLabel, strings or integers. "
+            "Pick another with --label_column."
+        )
+
+    def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:
+        """Cast string or integer labels to one ClassLabel shared by all splits (so ids agree across splits)."""
+        feature = dsd["train"].features[self.label_column]
+        if isinstance(feature, ClassLabel):
+            for split, ds in dsd.items():
+                if ds.features[self.label_column] != feature:
+                    raise ValueError(f"Split {split!r} has other class names than train: {ds.features[self.label_column]}.")
+            return dsd
+        target = ClassLabel(names=names)
+        if feature.dtype == "string":
+            return dsd.cast_column(self.label_column, target)
+        return DatasetDict({k: v.cast_column(self.label_column, target) for k, v in dsd.items()})
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    def load_model(self, model_args, id2label: dict):
+        from transformers import AutoModelForImageClassification
+
+        model, processor = load_model_and_processor(AutoModelForImageClassification, model_args, id2label)
+        if self.config is not None and self.config.data.image_size:
+            resize_processor(processor, model.config, self.config.data.image_size)
+        return model, processor
+
+    def head_modules(self, model) -> list[str]:
+        base = peft_base(model)
+        return [last_linear_named(base, base.config.num_labels)]
+
+    def backbone(self, model):
+        base = peft_base(model)
+        return getattr(base, base.base_model_prefix, None) or getattr(base, "timm_model")
+
+    def lora_targets(self, model) -> list[str]:
+        base = peft_base(model)
+        present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        targets = [t for t in LORA_TARGETS.get(base.config.model_type, ATTENTION_TARGETS) if t in present]
+        if not targets:
+            raise ValueError(
+                f"No default LoRA targets for model type {base.config.model_type!r}; pass --lora_target_modules "
+                "(module names from model.named_modules(), e.g. q_proj,v_proj)."
+            )
+        return targets
+
+    # ---- preprocessing ----------------------------------------------------------------------------------------
+    def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
+        from torchvision.transforms import v2
+
+        size = _processor_size(processor)
+        mean, std = processor_mean_std(processor)
+        steps = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
+        if data_args.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        train_transform = v2.Compose(steps)
+        image_col, label_col = self.image_column, self.label_column
+
+        def train_batch(batch):
+            images = [ensure_rgb(im) for im in batch[image_col]]
+            if data_args.augment:
+                pixels = [train_transform(im) for im in images]
+            else:
+                pixels = list(processor(images, return_tensors="pt")["pixel_values"])
+            return {"pixel_values": pixels, "labels": batch[label_col]}
+
+        def eval_batch(batch):
+            # the saved image processor is what pipeline() will use, so evaluation uses exactly it
+            pixels = processor([ensure_rgb(im) for im in batch[image_col]], return_tensors="pt")["pixel_values"]
+            return {"pixel_values": list(pixels), "labels": batch[label_col]}
+
+        return DatasetDict(
+            {split: ds.with_transform(train_batch if split == "train" else eval_batch) for split, ds in dsd.items()}
+        )
+
+    @staticmethod
+    def collate(examples: list[dict]) -> dict:
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+        }
+
+    def forward(self, model, batch):
+        outputs = model(pixel_values=batch["pixel_values"])
+        outputs.loss = F.cross_entropy(outputs.logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
+        return outputs
+
+    def new_evaluator(self, id2label: dict):
+        return ClassificationEvaluator(id2label)
+
+
+class ClassificationEvaluator:
+    def __init__(self, id2label: dict):
+        self.id2label = {int(k): v for k, v in id2label.items()}
+        self.preds, self.labels = [], []
+
+    def update(self, accelerator, batch, outputs) -> None:
+        preds, labels = accelerator.gather_for_metrics((outputs.logits.argmax(-1), batch["labels"]))
+        self.preds.append(preds.cpu())
+        self.labels.append(labels.cpu())
+
+    def compute(self) -> dict:
+        from torchmetrics.functional.classification import (
+            multiclass_accuracy,
+            multiclass_confusion_matrix,
+            multiclass_f1_score,
+            multiclass_precision,
+            multiclass_recall,
+        )
+
+        preds, labels = torch.cat(self.preds), torch.cat(self.labels)
+        n = len(self.id2label)
+        kwargs = {"num_classes": n, "average": "macro"}
+        self.confusion = multiclass_confusion_matrix(preds, labels, num_classes=n)
+        return {
+            "accuracy": (preds == labels).float().mean().item(),
+            "balanced_accuracy": multiclass_accuracy(preds, labels, **kwargs).item(),
+            "precision_macro": multiclass_precision(preds, labels, **kwargs).item(),
+            "recall_macro": multiclass_recall(preds, labels, **kwargs).item(),
+            "f1_macro": multiclass_f1_score(preds, labels, **kwargs).item(),
+            "num_samples": int(labels.numel()),
+        }
+
+    def save_artifacts(self, output_dir: str | Path, prefix: str) -> list[Path]:
+        """Confusion matrix as JSON (counts, rows = true class) and PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [self.id2label[i] for i in range(len(self.id2label))]
+        matrix = self.confusion.tolist()
+        out = Path(output_dir)
+        json_path = out / f"{prefix}_confusion_matrix.json"
+        json_path.write_text(json.dumps({"labels": names, "matrix": matrix, "rows": "true", "columns": "predicted"}))
+        side = min(12, 2 + 0.5 * len(names))
+        fig, ax = plt.subplots(figsize=(side, side))
+        ax.imshow(self.confusion.numpy(), cmap="Blues")
+        if len(names) <= 30:
+            ax.set_xticks(range(len(names)), names, rotation=90)
+            ax.set_yticks(range(len(names)), names)
+            for i, row in enumerate(matrix):
+                for j, count in enumerate(row):
+                    if count:
+                        ax.text(j, i, count, ha="center", va="center", fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{prefix} confusion matrix")
+        fig.tight_layout()
+        png_path = out / f"{prefix}_confusion_matrix.png"
+        fig.savefig(png_path, dpi=100)
+        plt.close(fig)
+        return [json_path, png_path]
+
+
+def _detect(features, is_kind, names, what: str, option: str) -> str:
+    typed = [name for name, f in features.items() if is_kind(f)]
+    if len(typed) == 1:
+        return typed[0]
+    named = [name for name in names if name in features]
+    if named:
+        return named[0]
+    raise ValueError(f"Could not find the {what} column among {list(features)}; name it with {option}.")
+
+
+def _processor_size(processor) -> int:
+    from hftl.processing import processor_input_size
+
+    return processor_input_size(processor)
+
+
+TASK = ClassificationTask

@@ -1,0 +1,302 @@
+"""Object detection: what differs from the other tasks, and nothing else.
+
+Data: an image column and an `objects` column (`{"bbox": [[x, y, w, h], ...], "category": [...]}`, COCO boxes in
+pixels) from the Hub (cppe-5 and the transformers examples' sets), a local COCO folder (`annotations.json` + images),
+or the bundled synthetic set `hftl/shapes-detection`. Models: any `AutoModelForObjectDetection` checkpoint (DETR,
+Conditional DETR, Deformable DETR, RT-DETR, YOLOS, …) with its class head resized to the labels, or a timm
+classifier (e.g. the bundled `hftl/efficientnet-lite0`) whose ImageNet weights become the backbone of a fresh
+Conditional DETR. The output folder loads with `pipeline("object-detection")`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import numpy as np
+import torch
+from datasets import DatasetDict
+
+from hftl.bundled import register_dataset
+from hftl.models import peft_base
+from hftl.processing import ensure_rgb, processor_mean_std
+from hftl.tasks import detection_data as dd
+from hftl.tasks.detection_eval import DetectionEvaluator
+
+logger = logging.getLogger(__name__)
+
+SHAPES_DATASET = "hftl/shapes-detection"
+register_dataset(SHAPES_DATASET, "hftl.tasks.detection_data:load_shapes_detection")
+
+# LoRA targets: the first tier whose names exist outside the heads wins. Attention projections in DETR,
+# Conditional DETR, RT-DETR (q/v_proj); YOLOS (ViT query/value); Deformable attention's value/output projections.
+LORA_TIERS = (("q_proj", "v_proj"), ("query", "value"), ("value_proj", "output_proj"), ("qkv",))
+
+
+class DetectionTask:
+    name = "detection"
+    pipeline_tag = "object-detection"
+    main_metric = "map_50"
+    greater_is_better = True
+
+    def __init__(self, config=None):
+        self.config = config
+        self.box_format = getattr(config.data, "box_format", "coco") if config is not None else "coco"
+        self.image_column = None
+        self.objects_column = None
+        self.label_column = None  # no per-image class: few-shot sampling does not apply
+        self.processor = None
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        self.dropped_boxes = 0
+        self._takes_pixel_mask = True
+        if self.box_format not in dd.BOX_FORMATS:
+            raise ValueError(f"--box_format {self.box_format!r}: choose one of {', '.join(dd.BOX_FORMATS)}.")
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    def load_local(self, path: str, data_args) -> DatasetDict:
+        return dd.load_coco_folder(path)
+
+    def label_names(self, dsd: DatasetDict, data_args) -> list[str]:
+        """Finds the image and objects columns, reads the class names and checks every row's boxes and classes."""
+        features = dsd["train"].features
+        self.image_column, self.objects_column = dd.detect_columns(
+            features, data_args.image_column, data_args.label_column
+        )
+        names = dd.category_names(features, self.objects_column, dsd)
+        for split, ds in dsd.items():
+            if self.objects_column not in ds.column_names:
+                raise ValueError(f"The {split} split has no {self.objects_column!r} column; it has {ds.column_names}.")
+            stats = dd.check_split(ds, split, self.image_column, self.objects_column, len(names), self.box_format)
+            notes = []
+            if stats["clipped"]:
+                notes.append(f"{stats['clipped']} box(es) reach outside their image and will be clipped")
+            if stats["empty_images"]:
+                notes.append(f"{stats['empty_images']} image(s) without objects are kept as negatives")
+            if notes:
+                print(f"{split}: " + "; ".join(notes) + ".")
+        return names
+
+    def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:
+        return dd.add_row_numbers(dsd)
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    def load_model(self, model_args, id2label: dict):
+        from transformers import AutoConfig, AutoModelForObjectDetection
+
+        from hftl.processing import load_model_and_processor, resolve_model_path
+
+        path = resolve_model_path(model_args.model)
+        common = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
+        try:
+            config = AutoConfig.from_pretrained(path, **common)
+        except (OSError, ValueError):
+            config = None  # load_model_and_processor raises the explanatory error
+        image_size = self.config.data.image_size if self.config is not None else None
+        if config is not None and config.model_type == "timm_wrapper":
+            from hftl.tasks.detection_models import detector_from_timm
+
+            model, processor = detector_from_timm(path, config, id2label, image_size)
+        else:
+            try:
+                model, processor = load_model_and_processor(AutoModelForObjectDetection, model_args, id2label)
+            except ValueError as error:
+                if "Unrecognized configuration class" not in str(error):
+                    raise
+                raise ValueError(
+                    f"{model_args.model!r} is not an object-detection architecture. Use a DETR-family / YOLOS "
+                    "checkpoint (e.g. facebook/detr-resnet-50) or a timm classifier (used as the backbone)."
+                ) from None
+            if image_size:
+                set_processor_size(processor, image_size)
+        mark_backbone_offline(model.config)
+        self.processor = processor
+        self.mean, self.std = processor_mean_std(processor)
+        self._takes_pixel_mask = "pixel_mask" in inspect.signature(model.forward).parameters
+        return model, processor
+
+    def backbone(self, model):
+        base = peft_base(model)
+        inner = getattr(base, base.base_model_prefix)
+        return getattr(inner, "backbone", None) or inner  # YOLOS: the whole ViT is the backbone
+
+    def head_modules(self, model) -> list[str]:
+        """Class and box heads: every top-level part besides the base model (DETR, Conditional/Deformable DETR,
+        YOLOS), or RT-DETR's heads inside it."""
+        base = peft_base(model)
+        inner = getattr(base, base.base_model_prefix)
+        heads = [name for name, child in base.named_children() if child is not inner and _has_parameters(child)]
+        if not heads or base.config.model_type.startswith("rt_detr"):
+            heads += [
+                f"{base.base_model_prefix}.{name}"
+                for name, child in inner.named_children()
+                if name.startswith(("enc_score_head", "enc_bbox_head", "denoising_class_embed"))
+                and _has_parameters(child)
+            ]
+            decoder = getattr(inner, "decoder", None)
+            for name in ("class_embed", "bbox_embed"):
+                if decoder is not None and getattr(decoder, name, None) is not None:
+                    heads.append(f"{base.base_model_prefix}.decoder.{name}")
+        return sorted(set(heads))
+
+    def lora_targets(self, model) -> list[str]:
+        base = peft_base(model)
+        heads = self.head_modules(base)
+        body = {
+            name.rsplit(".", 1)[-1]
+            for name, module in base.named_modules()
+            if isinstance(module, torch.nn.Linear) and not any(name == h or name.startswith(h + ".") for h in heads)
+        }
+        for tier in LORA_TIERS:
+            found = [name for name in tier if name in body]
+            if found:
+                return found
+        raise ValueError(
+            f"No default LoRA targets for {type(base).__name__}; pass --lora_target_modules with attention module "
+            "names from model.named_modules() (e.g. q_proj,v_proj)."
+        )
+
+    # ---- preprocessing ----------------------------------------------------------------------------------------
+    def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
+        self.processor = processor
+        self.mean, self.std = processor_mean_std(processor)
+        augment = box_augmentation(data_args) if data_args.augment else None
+        image_col, objects_col = self.image_column, self.objects_column
+
+        def transform(batch, train: bool):
+            ids = batch["image_id"] if "image_id" in batch else batch["hftl_row"]
+            out = {"pixel_values": [], "labels": [], "targets": [], "orig_size": [], "image_id": []}
+            for image, objects, image_id in zip(batch[image_col], batch[objects_col], ids):
+                image = ensure_rgb(image)
+                width, height = image.size
+                boxes, classes, dropped = dd.clean_boxes(objects, self.box_format, width, height)
+                target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes)}
+                if train and augment is not None:
+                    image, boxes, classes, dropped_now = apply_box_augmentation(augment, image, boxes, classes)
+                    dropped += dropped_now
+                if dropped:
+                    self._count_dropped(dropped)
+                pixel_values, labels = self._encode(image, boxes, classes, int(image_id))
+                out["pixel_values"].append(pixel_values)
+                out["labels"].append(labels)
+                out["targets"].append(target)
+                out["orig_size"].append((height, width))
+                out["image_id"].append(int(image_id))
+            return out
+
+        return DatasetDict(
+            {
+                split: ds.with_transform(lambda batch, train=(split == "train"): transform(batch, train))
+                for split, ds in dsd.items()
+            }
+        )
+
+    def _encode(self, image, boxes: np.ndarray, classes: np.ndarray, image_id: int):
+        """The image processor's own resize, normalisation and COCO box conversion."""
+        annotations = [
+            {"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": int(c), "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+            for (x0, y0, x1, y1), c in zip(np.asarray(boxes, np.float64).tolist(), classes.tolist())
+        ]
+        encoded = self.processor(
+            images=image, annotations={"image_id": image_id, "annotations": annotations}, return_tensors="pt"
+        )
+        label = encoded["labels"][0]
+        return encoded["pixel_values"][0], {"class_labels": label["class_labels"], "boxes": label["boxes"]}
+
+    def _count_dropped(self, count: int) -> None:
+        before = self.dropped_boxes
+        self.dropped_boxes += count
+        if before == 0 or len(str(self.dropped_boxes)) > len(str(before)):  # first time, then each power of ten
+            logger.warning(
+                "%d degenerate box(es) dropped so far (clipped to nothing or augmented off the image).",
+                self.dropped_boxes,
+            )
+
+    @staticmethod
+    def collate(examples: list[dict]) -> dict:
+        """Pads images to the batch's largest (bottom/right) with a pixel mask; boxes stay relative to each
+        unpadded image, the convention the pipeline's single-image inference matches."""
+        heights = [e["pixel_values"].shape[1] for e in examples]
+        widths = [e["pixel_values"].shape[2] for e in examples]
+        pixels = torch.zeros(len(examples), 3, max(heights), max(widths))
+        mask = torch.zeros(len(examples), max(heights), max(widths), dtype=torch.long)
+        for i, e in enumerate(examples):
+            pixels[i, :, : heights[i], : widths[i]] = e["pixel_values"]
+            mask[i, : heights[i], : widths[i]] = 1
+        return {
+            "pixel_values": pixels,
+            "pixel_mask": mask,
+            "labels": [e["labels"] for e in examples],
+            "targets": [e["targets"] for e in examples],
+            "orig_sizes": torch.tensor([e["orig_size"] for e in examples], dtype=torch.long),
+            "image_ids": [e["image_id"] for e in examples],
+        }
+
+    def forward(self, model, batch):
+        inputs = {"pixel_values": batch["pixel_values"], "labels": batch["labels"]}
+        if self._takes_pixel_mask:
+            inputs["pixel_mask"] = batch["pixel_mask"]
+        return model(**inputs)
+
+    def new_evaluator(self, id2label: dict):
+        return DetectionEvaluator(id2label, self.processor, self.mean, self.std)
+
+
+# ---- processor and config helpers ----------------------------------------------------------------------------------
+def set_processor_size(processor, size: int) -> None:
+    """Longest side `size`, aspect kept (fixed square for processors that only know height/width)."""
+    if "height" in (processor.size or {}):
+        processor.size = {"height": size, "width": size}
+    else:
+        processor.size = {"shortest_edge": size, "longest_edge": size}
+
+
+def mark_backbone_offline(config) -> None:
+    """The saved config must never ask a hub for backbone weights: they are in the checkpoint."""
+    for holder in (config, getattr(config, "backbone_config", None)):
+        if holder is not None and getattr(holder, "use_pretrained_backbone", False):
+            holder.use_pretrained_backbone = False
+
+
+# ---- augmentation ------------------------------------------------------------------------------------------------
+def box_augmentation(data_args):
+    """Photometric distortion, horizontal flip and scale jitter (with a small shift); boxes move with the pixels,
+    are clipped to the image, and those left degenerate are dropped."""
+    from torchvision.transforms import v2
+
+    low = max(0.3, data_args.crop_scale_min**0.5)
+    steps = [v2.RandomPhotometricDistort(p=0.5)]
+    if data_args.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [
+        v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(low, 1 / low)),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=1),
+    ]
+    return v2.Compose(steps)
+
+
+def apply_box_augmentation(augment, image, boxes: np.ndarray, classes: np.ndarray, extra: dict | None = None):
+    """Returns (image tensor CHW uint8, xyxy boxes, classes, number of boxes dropped); with `extra` (more
+    tv_tensors, e.g. masks, transformed alongside) a fifth item holds them transformed."""
+    from torchvision import tv_tensors
+
+    pixels = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous())
+    sample = {
+        "image": pixels,
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.as_tensor(boxes).reshape(-1, 4), format="XYXY", canvas_size=tuple(pixels.shape[-2:])
+        ),
+        "labels": torch.as_tensor(classes, dtype=torch.long),
+        **(extra or {}),
+    }
+    out = augment(sample)
+    kept = out["boxes"].as_subclass(torch.Tensor).numpy().astype(np.float32)
+    result = (out["image"].as_subclass(torch.Tensor), kept, out["labels"].numpy(), len(boxes) - len(kept))
+    return result + ({k: out[k] for k in extra},) if extra else result
+
+
+def _has_parameters(module: torch.nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+TASK = DetectionTask

@@ -1,0 +1,280 @@
+"""Semantic segmentation: what differs from the other tasks, and nothing else.
+
+Data: an image column and a mask column (one class id per pixel; `--label_column` names it), from the Hub, a
+local folder (`images/` + `masks/` + `id2label.json`), or the bundled synthetic set `hftl/shapes-segmentation`.
+Models: any `AutoModelForSemanticSegmentation` checkpoint (SegFormer, UperNet, DPT, BEiT, …) with its head resized
+to the labels, or a timm classification model (e.g. the bundled `hftl/efficientnet-lite0`) used as the ImageNet
+encoder of a transformers UperNet; either way the output folder loads with `pipeline("image-segmentation")`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from datasets import DatasetDict
+
+from hftl.bundled import register_dataset
+from hftl.models import peft_base
+from hftl.processing import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
+from hftl.tasks import segmentation_data as sd
+from hftl.tasks.segmentation_eval import SegmentationEvaluator
+
+SHAPES_DATASET = "hftl/shapes-segmentation"
+register_dataset(SHAPES_DATASET, "hftl.tasks.segmentation_data:load_shapes_segmentation")
+
+# Class names and label conventions of known datasets, applied only when the user sets neither.
+KNOWN_DATASETS = {
+    SHAPES_DATASET: {"names": sd.shapes_class_names(), "reduce_labels": False},
+    "scene_parse_150": {"id2label": "huggingface/label-files:ade20k-id2label.json", "reduce_labels": True},
+    "zhoubolei/scene_parse_150": {"id2label": "huggingface/label-files:ade20k-id2label.json", "reduce_labels": True},
+}
+# LoRA targets are picked from these suffixes (first tier found in the encoder wins): attention projections for
+# transformers, pointwise/bottleneck convolutions for CNNs. Only names absent from the decode head qualify.
+LORA_TIERS = (
+    ("q_proj", "v_proj"),
+    ("query", "value"),
+    ("qkv",),
+    ("conv_pw", "conv_pwl"),
+    ("pwconv1", "pwconv2"),
+    ("convolution", "conv1", "conv2", "conv3"),
+)
+UPERNET_HIDDEN_SIZE = 128  # decode-head width for timm encoders: small enough for CPU, enough for few classes
+
+
+class SegmentationTask:
+    name = "segmentation"
+    pipeline_tag = "image-segmentation"
+    main_metric = "mean_iou"
+    greater_is_better = True
+
+    def __init__(self, config=None):
+        self.config = config
+        data = config.data if config is not None else None
+        self.ignore_index = int(getattr(data, "ignore_index", 255))
+        self.reduce_labels = getattr(data, "reduce_labels", None)
+        self.id2label_spec = getattr(data, "id2label", None)
+        self.palette_spec = getattr(data, "mask_palette", None)
+        self.image_column = None
+        self.mask_column = None
+        self.label_column = None  # no per-image class label: few-shot sampling does not apply
+        self.local_label_file = None
+        self.palette = None
+        self.num_labels = None
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    def load_local(self, path: str, data_args) -> DatasetDict:
+        from pathlib import Path
+
+        label_file = Path(path) / sd.LABEL_FILE
+        if label_file.is_file():
+            self.local_label_file = str(label_file)
+        palette_file = Path(path) / sd.PALETTE_FILE
+        if palette_file.is_file() and not self.palette_spec:
+            self.palette_spec = str(palette_file)
+        return sd.load_local_folder(path)
+
+    def label_names(self, dsd: DatasetDict, data_args) -> list[str]:
+        """Finds the image and mask columns, reads the class names, and checks masks (sizes, ids) row by row."""
+        train = dsd["train"]
+        self.image_column, self.mask_column = sd.detect_columns(
+            train.features, data_args.image_column, data_args.label_column
+        )
+        known = KNOWN_DATASETS.get(data_args.dataset, {})
+        if self.reduce_labels is None:
+            self.reduce_labels = bool(known.get("reduce_labels", False))
+            if self.reduce_labels:
+                print(
+                    f"{data_args.dataset}: reduce_labels={self.reduce_labels} (its convention; set --reduce_labels)."
+                )
+        spec = self.id2label_spec or self.local_label_file or known.get("id2label")
+        palette = sd.read_palette(self.palette_spec, []) if self.palette_spec and not spec else None
+        if spec:
+            names = sd.read_label_file(spec)
+        elif "names" in known:
+            names = list(known["names"])
+        else:
+            top = max(sd.scan_max_id(ds, self.mask_column, palette, sd.EAGER_CHECK_ROWS) for ds in dsd.values())
+            if self.reduce_labels:
+                top -= 1
+            names = [str(i) for i in range(top + 1)]
+            print(
+                f"No label file: classes named by id, 0..{top}. Name them with --id2label file.json (or "
+                "repo_id:file.json in a Hub dataset repo)."
+            )
+        if len(names) < 2:
+            raise ValueError(f"Segmentation needs at least 2 classes; the labels are {names}.")
+        self.palette = sd.read_palette(self.palette_spec, names)
+        self.num_labels = len(names)
+        for split, ds in dsd.items():
+            sd.check_split(ds, split, self.image_column, self.mask_column, self._mask_settings())
+        return names
+
+    def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:
+        # rows keep their original number through subsampling, so errors found during training name them
+        return sd.add_row_numbers(dsd)
+
+    def _mask_settings(self) -> dict:
+        return {
+            "palette": self.palette,
+            "num_labels": self.num_labels,
+            "reduce_labels": bool(self.reduce_labels),
+            "ignore_index": self.ignore_index,
+        }
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    def load_model(self, model_args, id2label: dict):
+        from transformers import AutoConfig, AutoModelForSemanticSegmentation
+
+        from hftl.processing import load_model_and_processor, resolve_model_path
+
+        path = resolve_model_path(model_args.model)
+        config = AutoConfig.from_pretrained(
+            path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code
+        )
+        if config.model_type == "timm_wrapper":
+            from hftl.tasks.segmentation_models import upernet_from_timm
+
+            model, processor = upernet_from_timm(path, config, id2label, UPERNET_HIDDEN_SIZE, self.ignore_index)
+        else:
+            try:
+                model, processor = load_model_and_processor(AutoModelForSemanticSegmentation, model_args, id2label)
+            except ValueError as error:
+                if "Unrecognized configuration class" not in str(error):
+                    raise
+                raise ValueError(
+                    f"{model_args.model!r} ({config.model_type}) is not a semantic-segmentation architecture. Use a "
+                    "SegFormer/UperNet/DPT/BEiT checkpoint (e.g. nvidia/mit-b0) or a timm model (UperNet encoder)."
+                ) from None
+        for attribute in ("semantic_loss_ignore_index", "loss_ignore_index"):
+            if hasattr(model.config, attribute):
+                setattr(model.config, attribute, self.ignore_index)
+        if hasattr(processor, "do_reduce_labels"):
+            processor.do_reduce_labels = False  # labels are reduced by the task's transforms, by option
+        if self.config is not None and self.config.data.image_size:
+            resize_processor(processor, model.config, self.config.data.image_size)
+        return model, processor
+
+    def backbone(self, model):
+        base = peft_base(model)
+        return getattr(base, "backbone", None) or getattr(base, base.base_model_prefix)
+
+    def head_modules(self, model) -> list[str]:
+        """Every top-level part that is not the encoder: decode head, auxiliary head, neck."""
+        base = peft_base(model)
+        encoder = self.backbone(base)
+        return [
+            name
+            for name, child in base.named_children()
+            if child is not encoder and any(True for _ in child.parameters())
+        ]
+
+    def lora_targets(self, model) -> list[str]:
+        base = peft_base(model)
+        encoder_names = {n.rsplit(".", 1)[-1] for n, _ in self.backbone(base).named_modules()}
+        head_names = {
+            n.rsplit(".", 1)[-1] for head in self.head_modules(base) for n, _ in getattr(base, head).named_modules()
+        }
+        for tier in LORA_TIERS:
+            found = [name for name in tier if name in encoder_names and name not in head_names]
+            if found:
+                return found
+        raise ValueError(
+            f"No default LoRA targets for {type(base).__name__}; pass --lora_target_modules with encoder module "
+            "names from model.named_modules() (e.g. query,value)."
+        )
+
+    # ---- preprocessing ----------------------------------------------------------------------------------------
+    def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        size = processor_input_size(processor)
+        self.mean, self.std = processor_mean_std(processor)
+        # Geometric steps see the image and its mask together: the same crop and flip, nearest for masks.
+        geometric = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
+        if data_args.hflip:
+            geometric.append(v2.RandomHorizontalFlip())
+        to_model = [
+            v2.ToDtype(dtype={tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(self.mean, self.std),
+        ]
+        augment = v2.Compose(geometric + to_model)
+        plain = v2.Compose([v2.Resize((size, size), antialias=True)] + to_model)
+        settings = self._mask_settings()
+        image_col, mask_col = self.image_column, self.mask_column
+
+        def pairs(batch, split):
+            rows = batch.get(sd.ROW_COLUMN) or [None] * len(batch[image_col])
+            for image, mask, row in zip(batch[image_col], batch[mask_col], rows):
+                where = f"{split} split, row {row}"
+                image, mask = sd.to_pil(image), sd.to_pil(mask)
+                sd.check_pair(image, mask, where)
+                ids = sd.mask_to_ids(mask, settings["palette"], where)
+                ids = sd.encode_ids(
+                    ids, settings["num_labels"], settings["reduce_labels"], settings["ignore_index"], where
+                )
+                yield ensure_rgb(image), torch.from_numpy(ids)
+
+        def train_batch(batch, split="train"):
+            pixels, labels = [], []
+            for image, ids in pairs(batch, split):
+                image_tv = tv_tensors.Image(torch.from_numpy(_hwc(image)).permute(2, 0, 1))
+                x, y = (augment if data_args.augment else plain)(image_tv, tv_tensors.Mask(ids))
+                pixels.append(x.as_subclass(torch.Tensor))
+                labels.append(y.as_subclass(torch.Tensor))
+            return {"pixel_values": pixels, "labels": labels}
+
+        def eval_batch(batch, split):
+            # the saved image processor is what pipeline() will use, so evaluation uses exactly it; labels stay
+            # at full resolution and predictions are upsampled to them
+            images, labels = zip(*pairs(batch, split)) if len(batch[image_col]) else ((), ())
+            pixels = processor(list(images), return_tensors="pt")["pixel_values"]
+            return {"pixel_values": list(pixels), "labels": list(labels)}
+
+        return DatasetDict(
+            {
+                split: ds.with_transform(train_batch if split == "train" else (lambda b, s=split: eval_batch(b, s)))
+                for split, ds in dsd.items()
+            }
+        )
+
+    @staticmethod
+    def collate(examples: list[dict]) -> dict:
+        labels = [e["labels"] for e in examples]
+        if len({tuple(label.shape) for label in labels}) == 1:
+            labels = torch.stack(labels)
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "labels": labels}
+
+    def forward(self, model, batch):
+        pixel_values, labels = batch["pixel_values"], batch["labels"]
+        if isinstance(labels, torch.Tensor) and labels.shape[-2:] == pixel_values.shape[-2:]:
+            # the model's own loss also trains auxiliary heads (UperNet, BEiT, DPT), which DDP needs to see used
+            return model(pixel_values=pixel_values, labels=labels)
+        outputs = model(pixel_values=pixel_values)
+        outputs.loss = full_resolution_loss(outputs.logits, list(labels), self.ignore_index)
+        return outputs
+
+    def new_evaluator(self, id2label: dict):
+        return SegmentationEvaluator(id2label, self.ignore_index, self.mean, self.std)
+
+
+def full_resolution_loss(logits: torch.Tensor, labels: list[torch.Tensor], ignore_index: int) -> torch.Tensor:
+    """Pixel-averaged cross-entropy with each image's logits upsampled to its label's size."""
+    total, counted = logits.new_zeros((), dtype=torch.float32), 0
+    for i, label in enumerate(labels):
+        upsampled = F.interpolate(
+            logits[i : i + 1].float(), size=label.shape[-2:], mode="bilinear", align_corners=False
+        )
+        total = total + F.cross_entropy(upsampled, label[None], ignore_index=ignore_index, reduction="sum")
+        counted += int((label != ignore_index).sum())
+    return total / max(counted, 1)
+
+
+def _hwc(image):
+    import numpy as np
+
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy shares memory
+
+
+TASK = SegmentationTask

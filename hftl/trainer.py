@@ -1,0 +1,277 @@
+"""The one training loop, shared by every task.
+
+It knows a task only through `task.forward(model, batch)` (an output with `.loss`) and the task's evaluator.
+Accelerate handles devices, ranks, mixed precision and gradient accumulation; checkpoints are written to a
+temporary folder and renamed into place, so a kill mid-save never corrupts the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from hftl.config import TrainArgs
+from hftl.models import Adapted, optimizer_groups, set_frozen_norms_eval, snapshot_state
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs fully finished
+    step: int = 0  # optimizer steps taken
+    batches_into_epoch: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    evals_without_improvement: int = 0
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    best_metrics: dict
+    train_seconds: float
+    train_samples_per_second: float
+
+
+def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_fn,
+        generator=generator,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those holding the state file, written last), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+
+
+def resolve_checkpoint(spec: str | None, output_dir: str) -> Path | None:
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{spec} is not a complete hftl checkpoint (no {STATE_FILE}); use 'latest'.")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: str, limit: int, extra: dict) -> None:
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
+    tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(extra, tmp / "extra_state.pt")
+        # the state file marks the checkpoint complete: written last, then the folder is renamed into place
+        (tmp / STATE_FILE).write_text(json.dumps(vars(state), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def train(
+    task,
+    adapted: Adapted,
+    train_dataset,
+    eval_dataset,
+    collate_fn,
+    args: TrainArgs,
+    accelerator: Accelerator,
+    id2label: dict,
+    metric_for_best: str,
+    greater_is_better: bool = True,
+) -> TrainResult:
+    set_seed(args.seed)
+    model = adapted.model
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    eval_bs = args.eval_batch_size or 2 * args.batch_size
+    train_loader = make_loader(train_dataset, collate_fn, args.batch_size, True, args.seed, args.num_workers)
+    eval_loader = make_loader(eval_dataset, collate_fn, eval_bs, False, args.seed, args.num_workers)
+
+    updates_per_epoch = math.ceil(len(train_loader) / max(1, accelerator.num_processes) / args.gradient_accumulation_steps)
+    total_steps = args.max_steps or args.num_epochs * updates_per_epoch
+    num_epochs = math.ceil(total_steps / max(1, updates_per_epoch))
+    optimizer = _make_optimizer(adapted, args)
+    scheduler = get_scheduler(
+        args.scheduler if args.scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+    if args.compile:
+        model = torch.compile(model)
+
+    state = TrainState()
+    best_state = None
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+        best_state = torch.load(checkpoint / "extra_state.pt", weights_only=False).get("best_state")
+        accelerator.print(f"Resumed from {checkpoint} at epoch {state.epoch}, step {state.step}.")
+
+    samples_seen, start = 0, time.perf_counter()
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    stop = False
+    for epoch in range(state.epoch, num_epochs):
+        note = adapted.on_epoch_start(epoch)
+        if note:
+            accelerator.print(note)
+        model.train()
+        set_frozen_norms_eval(model)
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if state.batches_into_epoch:
+            loader = accelerator.skip_first_batches(train_loader, state.batches_into_epoch)
+        running, counted = 0.0, 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    outputs = task.forward(model, batch)
+                loss = outputs.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    _drop_masked_grads(model, adapted.masked)
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_into_epoch += 1
+            samples_seen += _batch_size(batch) * accelerator.num_processes
+            running += loss.detach().float().item()
+            counted += 1
+            if accelerator.sync_gradients:
+                state.step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{running / counted:.4f}", epoch=epoch)
+                accelerator.log({"train/loss": running / counted, "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
+                if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state})
+                if state.step >= total_steps:
+                    break
+        state.epoch, state.batches_into_epoch = epoch + 1, 0
+        record = {"epoch": epoch + 1, "step": state.step, "train_loss": running / max(counted, 1)}
+        if (epoch + 1) % args.eval_every_epochs == 0 or state.step >= total_steps:
+            metrics, _ = evaluate(task, model, eval_loader, accelerator, id2label)
+            record.update({f"eval_{k}": v for k, v in metrics.items() if _is_number(v)})
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items() if _is_number(v)}, step=state.step)
+            accelerator.print(_format_record(record))
+            value = metrics.get(metric_for_best)
+            if value is None:
+                raise KeyError(f"metric_for_best {metric_for_best!r} not among {sorted(metrics)}.")
+            if state.best_metric is None or (value > state.best_metric if greater_is_better else value < state.best_metric):
+                state.best_metric, state.best_epoch, state.evals_without_improvement = value, epoch + 1, 0
+                best_state = snapshot_state(accelerator.unwrap_model(model))
+            else:
+                state.evals_without_improvement += 1
+            if args.early_stopping_patience and state.evals_without_improvement >= args.early_stopping_patience:
+                accelerator.print(f"Early stopping: no improvement in {metric_for_best} for {args.early_stopping_patience} evaluations.")
+                stop = True
+        state.history.append(record)
+        if args.checkpoint_every_epoch or stop or state.step >= total_steps:
+            save_checkpoint(accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state})
+        if stop or state.step >= total_steps:
+            break
+    progress.close()
+    seconds = time.perf_counter() - start
+    unwrapped = accelerator.unwrap_model(model)
+    if best_state is not None:
+        unwrapped.load_state_dict(best_state, strict=False)
+    best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
+    return TrainResult(state, best, seconds, samples_seen / max(seconds, 1e-9))
+
+
+@torch.no_grad()
+def evaluate(task, model, loader, accelerator: Accelerator, id2label: dict):
+    """Metrics over the whole split, gathered across ranks; also returns the evaluator for its artifacts."""
+    model.eval()
+    evaluator = task.new_evaluator(id2label)
+    losses = []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
+        with accelerator.autocast():
+            outputs = task.forward(model, batch)
+        if getattr(outputs, "loss", None) is not None:
+            losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().reshape(1)))
+        evaluator.update(accelerator, batch, outputs)
+    metrics = evaluator.compute()
+    if losses:
+        metrics["loss"] = torch.cat(losses).mean().item()
+    return metrics, evaluator
+
+
+def _make_optimizer(adapted: Adapted, args: TrainArgs) -> torch.optim.Optimizer:
+    groups = optimizer_groups(adapted, args.weight_decay)
+    if not groups:
+        raise ValueError("The strategy left no trainable parameters.")
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate, momentum=0.9, nesterov=True)
+    if args.optimizer != "adamw":
+        raise ValueError(f"Unknown optimizer {args.optimizer!r}: use adamw or sgd.")
+    # foreach is the default on CPU and CUDA; fused is faster on CUDA only
+    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=torch.cuda.is_available() or None)
+
+
+def _drop_masked_grads(model, masked: set) -> None:
+    if not masked:
+        return
+    for name, param in model.named_parameters():
+        if name.removeprefix("module.") in masked:
+            param.grad = None
+
+
+def _batch_size(batch) -> int:
+    for value in batch.values():
+        if hasattr(value, "shape"):
+            return value.shape[0]
+        if isinstance(value, list):
+            return len(value)
+    return 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _format_record(record: dict) -> str:
+    return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
