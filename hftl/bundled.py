@@ -235,7 +235,10 @@ def load_digits_dataset() -> DatasetDict:
 
 
 # name -> loader returning a DatasetDict: a callable, or "module:function" imported only when that set is loaded.
-BUNDLED_DATASETS: dict[str, Callable[[], DatasetDict] | str] = {DIGITS: load_digits_dataset}
+BUNDLED_DATASETS: dict[str, Callable[[], DatasetDict] | str] = {
+    DIGITS: load_digits_dataset,
+    "hftl/shapes-detection": "hftl.tasks.detection_data:load_shapes_detection",
+}
 
 
 def register_dataset(name: str, loader: Callable[[], DatasetDict] | str) -> None:

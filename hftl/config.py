@@ -19,7 +19,9 @@ STRATEGIES = ("linear-probe", "frozen-backbone", "full", "lora", "gradual-unfree
 class DataArgs:
     dataset: str = field(
         default="hftl/digits",
-        metadata={"help": "Hub dataset id, a local folder, or a bundled name (hftl/digits, hftl/shapes-detection, …)."},
+        metadata={
+            "help": "Hub dataset id, a local folder, or a bundled name (hftl/digits, hftl/shapes-detection, …)."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
     dataset_revision: str | None = field(default=None, metadata={"help": "Dataset revision (branch, tag or commit)."})
@@ -75,6 +77,10 @@ class ModelArgs:
     )
     revision: str | None = field(default=None, metadata={"help": "Model revision (branch, tag or commit)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the model repo."})
+    from_scratch: bool = field(
+        default=False,
+        metadata={"help": "Same architecture, random init (no pretrained weights): the baseline transfer must beat."},
+    )
 
 
 @dataclass

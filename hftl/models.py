@@ -32,7 +32,9 @@ class Adapted:
     masked: set = field(default_factory=set)
 
     def summary(self) -> str:
-        return f"trainable params: {self.trainable:,} / {self.total:,} ({100 * self.trainable / max(self.total, 1):.2f}%)"
+        return (
+            f"trainable params: {self.trainable:,} / {self.total:,} ({100 * self.trainable / max(self.total, 1):.2f}%)"
+        )
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

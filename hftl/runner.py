@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from hftl import features
 from hftl.config import RunConfig, parse_config
 from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
+from hftl.fastdata import cache_processed
 from hftl.models import apply_strategy
 from hftl.tasks import get_task
 from hftl.trainer import evaluate, make_loader, train
@@ -35,6 +37,8 @@ def _make_accelerator(config: RunConfig):
     trackers = None if train_args.report_to in ("none", "", None) else train_args.report_to.split(",")
     precision = train_args.mixed_precision
     return Accelerator(
+        # without a GPU, `accelerate launch --multi_gpu` must still give one gloo process group across the ranks
+        cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         log_with=trackers,
@@ -81,6 +85,8 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         + ", ".join(f"{split} {len(ds)}" for split, ds in dsd.items())
     )
     model, processor = task.load_model(config.model, id2label)
+    if config.model.from_scratch:
+        model = random_init(model, config.train.seed)
     adapted = apply_strategy(model, task, config.strategy, config.train.learning_rate)
     accelerator.print(f"strategy {config.strategy.strategy}: {adapted.summary()}")
     prepared = task.prepare(dsd, processor, config.data)
@@ -92,12 +98,21 @@ def run_config(task_name: str, config: RunConfig) -> dict:
 
     main_metric = config.train.metric_for_best or task.main_metric
     greater = not main_metric.endswith("loss") and getattr(task, "greater_is_better", True)
+    # --- fast paths (hftl/fastdata.py, hftl/features.py) ---
+    if task.name == "classification":  # its eval transforms are deterministic: process each image once
+        prepared = cache_processed(prepared, ["validation"] + ([] if config.data.augment else ["train"]))
+    train_adapted, train_ds, eval_ds, collate = adapted, prepared["train"], prepared["validation"], task.collate
+    if config.strategy.strategy == "linear-probe" and config.train.cache_features:
+        probe = features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
+        if probe is not None:  # the head trains on cached backbone features; adapted.model gets the trained head
+            train_adapted, train_ds, eval_ds, collate = probe
+    # --- end fast paths ---
     result = train(
         task,
-        adapted,
-        prepared["train"],
-        prepared["validation"],
-        task.collate,
+        train_adapted,
+        train_ds,
+        eval_ds,
+        collate,
         config.train,
         accelerator,
         id2label,
@@ -151,6 +166,22 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     if accelerator.is_main_process:
         publish(config, results)
     return results
+
+
+def random_init(model, seed: int):
+    """Same architecture, labels and config, fresh weights: the from-scratch baseline (`--from_scratch`). timm
+    models get timm's own init, since transformers' generic init would shrink every conv to std 0.02."""
+    torch.manual_seed(seed)
+    fresh = type(model)(model.config)
+    if hasattr(fresh, "timm_model"):
+        import timm
+
+        config = model.config
+        native = timm.create_model(
+            config.architecture, pretrained=False, num_classes=config.num_labels, **(config.model_args or {})
+        )
+        fresh.timm_model.load_state_dict(native.state_dict())
+    return fresh
 
 
 def save_model(model, processor, config: RunConfig, out: Path) -> None:

@@ -49,6 +49,28 @@ class TrainResult:
     train_samples_per_second: float
 
 
+class SeededItems(torch.utils.data.Dataset):
+    """Draws each item's augmentation from a generator seeded by (seed, epoch, index).
+
+    Random augmentation then no longer depends on the order in which items are fetched: the same with one or many
+    workers, and the same after resuming mid-epoch (Accelerate fetches one batch ahead, so the global RNG state a
+    checkpoint saves is already past the next batch's draws)."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
 def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -122,10 +144,13 @@ def train(
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     eval_bs = args.eval_batch_size or 2 * args.batch_size
-    train_loader = make_loader(train_dataset, collate_fn, args.batch_size, True, args.seed, args.num_workers)
+    train_items = SeededItems(train_dataset, args.seed)
+    train_loader = make_loader(train_items, collate_fn, args.batch_size, True, args.seed, args.num_workers)
     eval_loader = make_loader(eval_dataset, collate_fn, eval_bs, False, args.seed, args.num_workers)
 
-    updates_per_epoch = math.ceil(len(train_loader) / max(1, accelerator.num_processes) / args.gradient_accumulation_steps)
+    updates_per_epoch = math.ceil(
+        len(train_loader) / max(1, accelerator.num_processes) / args.gradient_accumulation_steps
+    )
     total_steps = args.max_steps or args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(total_steps / max(1, updates_per_epoch))
     optimizer = _make_optimizer(adapted, args)
@@ -160,6 +185,7 @@ def train(
         model.train()
         set_frozen_norms_eval(model)
         train_loader.set_epoch(epoch)
+        train_items.set_epoch(epoch)
         loader = train_loader
         if state.batches_into_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_into_epoch)
@@ -185,9 +211,13 @@ def train(
                 state.step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{running / counted:.4f}", epoch=epoch)
-                accelerator.log({"train/loss": running / counted, "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
+                accelerator.log(
+                    {"train/loss": running / counted, "train/lr": scheduler.get_last_lr()[0]}, step=state.step
+                )
                 if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state})
+                    save_checkpoint(
+                        accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state}
+                    )
                 if state.step >= total_steps:
                     break
         state.epoch, state.batches_into_epoch = epoch + 1, 0
@@ -200,17 +230,23 @@ def train(
             value = metrics.get(metric_for_best)
             if value is None:
                 raise KeyError(f"metric_for_best {metric_for_best!r} not among {sorted(metrics)}.")
-            if state.best_metric is None or (value > state.best_metric if greater_is_better else value < state.best_metric):
+            if state.best_metric is None or (
+                value > state.best_metric if greater_is_better else value < state.best_metric
+            ):
                 state.best_metric, state.best_epoch, state.evals_without_improvement = value, epoch + 1, 0
                 best_state = snapshot_state(accelerator.unwrap_model(model))
             else:
                 state.evals_without_improvement += 1
             if args.early_stopping_patience and state.evals_without_improvement >= args.early_stopping_patience:
-                accelerator.print(f"Early stopping: no improvement in {metric_for_best} for {args.early_stopping_patience} evaluations.")
+                accelerator.print(
+                    f"Early stopping: no improvement in {metric_for_best} for {args.early_stopping_patience} evaluations."
+                )
                 stop = True
         state.history.append(record)
         if args.checkpoint_every_epoch or stop or state.step >= total_steps:
-            save_checkpoint(accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state})
+            save_checkpoint(
+                accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state}
+            )
         if stop or state.step >= total_steps:
             break
     progress.close()

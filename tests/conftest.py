@@ -23,6 +23,8 @@ os.environ["HF_HOME"] = os.path.join(_HOME, "hf")
 os.environ["HFTL_CACHE"] = os.path.join(_HOME, "hftl")
 os.environ.pop("HF_TOKEN", None)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# the local endpoint has no Xet storage; classic LFS is what it speaks (shared/notes/hub-api.md)
+os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""

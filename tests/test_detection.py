@@ -316,32 +316,36 @@ def test_prepare_and_collate_feed_the_model(tiny_detr_dir, shapes):
 
 
 # ---- end to end --------------------------------------------------------------------------------------------------
-def _argv(model_dir, out, *extra) -> list[str]:
+def write_coco_folder(root: Path, splits: dict[str, int], size: int = SIZE) -> Path:
+    """Local COCO folders (`train/`, `test/`: annotations.json + PNGs) of one large shape per image: easy enough
+    that a tiny random DETR learns something in a few dozen steps."""
+    for seed, (split, count) in enumerate(splits.items()):
+        folder = root / split
+        folder.mkdir(parents=True)
+        images, annotations = [], []
+        for i, sample in enumerate(make_shapes(count, size, seed=20 + seed, max_shapes=1, radius_range=(0.25, 0.4))):
+            sample.image.save(folder / f"{i}.png")
+            images.append({"id": i, "file_name": f"{i}.png", "width": size, "height": size})
+            for box, label in zip(sample.boxes.tolist(), sample.labels.tolist()):
+                annotations.append({"id": len(annotations), "image_id": i, "category_id": label + 1, "bbox": box})
+        categories = [{"id": k + 1, "name": name} for k, name in enumerate(SHAPE_CLASSES)]
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        (folder / "annotations.json").write_text(json.dumps(coco))
+    return root
+
+
+@pytest.fixture(scope="session")
+def big_shapes_folder(tmp_path_factory) -> Path:
+    return write_coco_folder(tmp_path_factory.mktemp("big-shapes"), {"train": 72, "test": 16})
+
+
+def _argv(model_dir, data_dir, out, *extra) -> list[str]:
     return [
-        "--dataset",
-        "hftl/shapes-detection",
-        "--model",
-        str(model_dir),
-        "--image_size",
-        str(SIZE),
-        "--max_train_samples",
-        "64",
-        "--max_eval_samples",
-        "16",
-        "--batch_size",
-        "8",
-        "--num_epochs",
-        "3",
-        "--learning_rate",
-        "1.0e-3",
-        "--warmup_ratio",
-        "0.0",
-        "--report_to",
-        "none",
-        "--output_dir",
-        str(out),
+        "--dataset", str(data_dir), "--model", str(model_dir), "--image_size", str(SIZE),
+        "--validation_fraction", "0.12", "--batch_size", "8", "--num_epochs", "3",
+        "--learning_rate", "1.0e-3", "--warmup_ratio", "0.0", "--report_to", "none", "--output_dir", str(out),
         *extra,
-    ]
+    ]  # fmt: skip
 
 
 def _untrained_map50(argv) -> float:
@@ -365,13 +369,13 @@ def _untrained_map50(argv) -> float:
 
 
 @pytest.mark.slow
-def test_full_run_learns_and_pipeline_loads_the_output(tiny_detr_dir, tmp_path):
+def test_full_run_learns_and_pipeline_loads_the_output(tiny_detr_dir, big_shapes_folder, tmp_path):
     from transformers import pipeline
 
     from hftl.runner import run
 
     out = tmp_path / "out"
-    argv = _argv(tiny_detr_dir, out, "--num_epochs", "4")
+    argv = _argv(tiny_detr_dir, big_shapes_folder, out, "--num_epochs", "5")
     before = _untrained_map50(argv)
     results = run("detection", argv)
     losses = [record["train_loss"] for record in results["history"]]
@@ -387,14 +391,27 @@ def test_full_run_learns_and_pipeline_loads_the_output(tiny_detr_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_adapter_round_trips(tiny_detr_dir, tmp_path):
+def test_lora_adapter_round_trips(tiny_detr_dir, big_shapes_folder, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForObjectDetection
 
     from hftl.runner import run
 
     out = tmp_path / "out"
-    run("detection", _argv(tiny_detr_dir, out, "--strategy", "lora", "--num_epochs", "1", "--learning_rate", "1.0e-2"))
+    run(
+        "detection",
+        _argv(
+            tiny_detr_dir,
+            big_shapes_folder,
+            out,
+            "--strategy",
+            "lora",
+            "--num_epochs",
+            "1",
+            "--learning_rate",
+            "1.0e-2",
+        ),
+    )
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
     assert set(adapter["modules_to_save"]) == {"class_labels_classifier", "bbox_predictor"}
@@ -416,13 +433,15 @@ def test_lora_adapter_round_trips(tiny_detr_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_frozen_backbone_on_a_timm_classifier(tiny_timm_classifier_dir, tmp_path):
+def test_frozen_backbone_on_a_timm_classifier(tiny_timm_classifier_dir, big_shapes_folder, tmp_path):
     from transformers import AutoModelForObjectDetection, TimmWrapperForImageClassification
 
     from hftl.runner import run
 
     out = tmp_path / "out"
-    argv = _argv(tiny_timm_classifier_dir, out, "--strategy", "frozen-backbone", "--num_epochs", "1")
+    argv = _argv(
+        tiny_timm_classifier_dir, big_shapes_folder, out, "--strategy", "frozen-backbone", "--num_epochs", "1"
+    )
     results = run("detection", argv)
     assert results["trainable_parameters"] < results["total_parameters"]
     classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_classifier_dir).timm_model.state_dict()
@@ -432,21 +451,11 @@ def test_frozen_backbone_on_a_timm_classifier(tiny_timm_classifier_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_two_rank_run_counts_every_test_image_once(tiny_detr_dir, tmp_path):
+def test_two_rank_run_counts_every_test_image_once(tiny_detr_dir, big_shapes_folder, tmp_path):
     out = tmp_path / "out"
     # 15 test images over 2 ranks x batch 4: the last batch is padded, and must not be counted twice
-    argv = _argv(
-        tiny_detr_dir,
-        out,
-        "--num_epochs",
-        "1",
-        "--max_eval_samples",
-        "15",
-        "--batch_size",
-        "4",
-        "--eval_batch_size",
-        "4",
-    )
+    argv = _argv(tiny_detr_dir, big_shapes_folder, out, "--num_epochs", "1", "--max_eval_samples", "15")
+    argv += ["--batch_size", "4", "--eval_batch_size", "4"]
     command = [
         sys.executable,
         "-m",

@@ -162,10 +162,10 @@ def _load_card(model: str, token=None):
         return None
 
 
-def model_header(model: str, task: str, token=None) -> str:
+def model_header(model: str, task: str, token=None, name: str | None = None) -> str:
     """Markdown: a link back to the model and the card's headline metric (model-index), when it has one."""
     if _is_local(model):
-        link = f"`{model}`"
+        link = f"`{name or model}`"
     else:
         from huggingface_hub import constants
 
@@ -360,13 +360,14 @@ def default_examples() -> list[str]:
 
 def build_demo(model: str, task: str | None = None, examples: list | None = None, token=None, pipe=None) -> gr.Blocks:
     """The demo for `model` (Hub id or local folder); the model is loaded once, here."""
+    name, model = model, _bundled_path(model)  # a bundled name keeps its name on the page
     task = task or infer_task(model, token)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     predictor = Predictor(pipe or load_pipeline(model, task, token), task)
     batch = {"batch": True, "max_batch_size": MAX_BATCH_SIZE, "api_name": "predict"}
-    with gr.Blocks(title=f"{model} · {task}") as demo:
-        gr.Markdown(model_header(model, task, token))
+    with gr.Blocks(title=f"{name} · {task}") as demo:
+        gr.Markdown(model_header(model, task, token, name=name))
         with gr.Row():
             with gr.Column():
                 image = image_input(label="Image", sources=["upload", "clipboard"], elem_id="input-image")

@@ -75,7 +75,9 @@ class ClassificationTask:
         if isinstance(feature, ClassLabel):
             for split, ds in dsd.items():
                 if ds.features[self.label_column] != feature:
-                    raise ValueError(f"Split {split!r} has other class names than train: {ds.features[self.label_column]}.")
+                    raise ValueError(
+                        f"Split {split!r} has other class names than train: {ds.features[self.label_column]}."
+                    )
             return dsd
         target = ClassLabel(names=names)
         if feature.dtype == "string":
@@ -97,7 +99,7 @@ class ClassificationTask:
 
     def backbone(self, model):
         base = peft_base(model)
-        return getattr(base, base.base_model_prefix, None) or getattr(base, "timm_model")
+        return getattr(base, base.base_model_prefix, None) or base.timm_model
 
     def lora_targets(self, model) -> list[str]:
         base = peft_base(model)

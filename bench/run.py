@@ -1,0 +1,241 @@
+"""hftl next to a plain transformers.Trainer baseline, and each fast path on and off, in one run.
+
+Usage:
+    python bench/run.py            # every case (~10 min on an idle 2-core CPU)
+    python bench/run.py --quick    # fewer rows, fewer samples (~2 min)
+    python bench/run.py --compile  # also a torch.compile row (slow to compile on CPU)
+    python bench/run.py --only vit-small   # cases whose name contains this
+
+Each row runs in its own subprocess (so peak RSS is per case) with the same model folder, data, image size, batch
+size, precision and hardware on both sides. Results go to bench/results/latest.json and bench/results/latest.md.
+Columns: train and eval images/s (training time excludes evaluation), peak RSS (on GPU: peak allocated),
+train ΔRSS (peak RSS minus RSS when training starts: what training itself added), time from the start of training
+to the first evaluation at or above the case's target accuracy, and each ratio against the row named in `vs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BENCH_DIR, WORK, write_effnet_folder, write_synthetic_folder, write_vit_folder  # noqa: E402
+
+PYTHON = sys.executable
+
+
+def hftl_cmd(out, model, data, epochs, batch, lr, target, extra=(), bench_flags=(), ranks=1):
+    launcher = [PYTHON]
+    if ranks > 1:
+        launcher = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks)]
+    return [
+        *launcher,
+        str(BENCH_DIR / "hftl_case.py"),
+        "--out",
+        str(out),
+        "--target",
+        str(target),
+        *bench_flags,
+        "--",
+        "--dataset",
+        data,
+        "--model",
+        str(model),
+        "--num_epochs",
+        str(epochs),
+        "--batch_size",
+        str(batch),
+        "--learning_rate",
+        str(lr),
+        "--output_dir",
+        str(Path(out).with_suffix("")),
+        "--overwrite_output_dir",
+        "--report_to",
+        "none",
+        "--checkpoint_every_epoch",
+        "false",
+        *extra,
+    ]
+
+
+def baseline_cmd(out, model, data, epochs, batch, lr, target, extra=()):
+    return [
+        PYTHON,
+        str(BENCH_DIR / "baseline_trainer.py"),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--data",
+        data,
+        "--epochs",
+        str(epochs),
+        "--batch_size",
+        str(batch),
+        "--lr",
+        str(lr),
+        "--target",
+        str(target),
+        *extra,
+    ]
+
+
+def cases(quick: bool, compile_row: bool) -> list[dict]:
+    """(case, row, vs, command); `vs` names the row a ratio is taken against."""
+    epochs = 1 if quick else 2
+    effnet = write_effnet_folder(WORK / "models" / "effnet-64", 64)
+    n_train, n_eval = (128, 64) if quick else (256, 128)
+    digits_limits_hftl = ["--max_train_samples", str(n_train), "--max_eval_samples", str(n_eval)]
+    digits_limits_base = digits_limits_hftl
+    quick_common = ["--image_size", "64", "--hflip", "false", "--crop_scale_min", "0.7", "--label_smoothing", "0.1"]
+    quick_common += ["--weight_decay", "0.01", *digits_limits_hftl]
+    base_common = ["--label_smoothing", "0.1", *digits_limits_base]
+    per_class = {"train": 32, "validation": 16, "test": 16} if quick else {"train": 64, "validation": 32, "test": 32}
+    synthetic = str(write_synthetic_folder(WORK / "data" / f"synthetic-64-{per_class['train']}", 64, per_class))
+    tiny = write_vit_folder(WORK / "models" / "vit-tiny", "vit-tiny", 64, 4)
+    small = write_vit_folder(WORK / "models" / "vit-small", "vit-small", 64, 4)
+    vit_common = ["--image_size", "64", "--hflip", "false", "--crop_scale_min", "0.7", "--weight_decay", "0.01"]
+    vit_base = ["--weight_decay", "0.01"]
+
+    rows = []
+
+    def add(case, row, vs, make):
+        rows.append({"case": case, "row": row, "vs": vs, "make": make})
+
+    q = "quickstart effnet-lite0 digits 64px"
+    common = (effnet, "hftl/digits", epochs, 32, 2e-3, 0.5)
+    add(q, "baseline Trainer", None, lambda o: baseline_cmd(o, effnet, "digits", *common[2:], extra=base_common))
+    add(q, "hftl", "baseline Trainer", lambda o: hftl_cmd(o, *common, extra=quick_common))
+    if not quick:
+        add(q, "hftl eval-cache off", "hftl", lambda o: hftl_cmd(o, *common, quick_common, ["--no_eval_cache"]))
+        cl = [*quick_common, "--channels_last", "true"]
+        add(q, "hftl channels_last", "hftl", lambda o: hftl_cmd(o, *common, cl))
+        add(q, "hftl num_workers 1", "hftl", lambda o: hftl_cmd(o, *common, [*quick_common, "--num_workers", "1"]))
+        bf16 = ["--mixed_precision", "bf16"]
+        base_bf16 = [*base_common, "--bf16"]
+        add(q, "baseline Trainer bf16", None, lambda o: baseline_cmd(o, effnet, "digits", *common[2:], base_bf16))
+        add(q, "hftl bf16", "baseline Trainer bf16", lambda o: hftl_cmd(o, *common, [*quick_common, *bf16]))
+    if compile_row:
+        add(q, "hftl compile", "hftl", lambda o: hftl_cmd(o, *common, [*quick_common, "--compile", "true"]))
+
+    t = "vit-tiny (h64 L4) synthetic 64px"
+    tiny_args = (tiny, synthetic, epochs + 1, 32, 1e-3, 0.9)
+    add(t, "baseline Trainer", None, lambda o: baseline_cmd(o, tiny, synthetic, *tiny_args[2:], extra=vit_base))
+    add(t, "hftl", "baseline Trainer", lambda o: hftl_cmd(o, *tiny_args, extra=vit_common))
+    add(t, "hftl 2 ranks", "hftl", lambda o: hftl_cmd(o, *tiny_args, extra=vit_common, ranks=2))
+
+    s = "vit-small (h384 L6) synthetic 64px"
+    small_args = (small, synthetic, epochs + 1, 32, 5e-4, 0.9)
+    add(s, "baseline Trainer full", None, lambda o: baseline_cmd(o, small, synthetic, *small_args[2:], extra=vit_base))
+    add(s, "hftl full", "baseline Trainer full", lambda o: hftl_cmd(o, *small_args, extra=vit_common))
+    add(s, "hftl lora", "hftl full", lambda o: hftl_cmd(o, *small_args, extra=[*vit_common, "--strategy", "lora"]))
+    lp = [*vit_common, "--strategy", "linear-probe", "--learning_rate", "1.0e-2"]
+    lp_off = [*lp, "--cache_features", "false"]
+    add(s, "hftl linear-probe uncached", "hftl full", lambda o: hftl_cmd(o, *small_args, lp_off))
+    add(s, "hftl linear-probe cached", "hftl linear-probe uncached", lambda o: hftl_cmd(o, *small_args, lp))
+    return rows
+
+
+def run_row(row: dict, out_dir: Path, index: int) -> dict:
+    out = out_dir / f"{index:02d}.json"
+    out.unlink(missing_ok=True)
+    command = row["make"](out)
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        print(f"  FAILED ({proc.returncode}):\n{tail}", file=sys.stderr)
+        return {"error": tail[-500:], "wall_s": wall}
+    result = json.loads(out.read_text())
+    result["wall_s"] = wall
+    return result
+
+
+def ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def fmt(value, digits=1):
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| case | row | train img/s | eval img/s | peak RSS MB | train ΔRSS MB | later epoch s | to target s "
+        "| val acc | vs | train × | eval × | peak mem × | ΔRSS × | later epoch × |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    by_name = {(r["case"], r["row"]): r["result"] for r in rows}
+    for r in rows:
+        res, ref = r["result"], by_name.get((r["case"], r["vs"]), {}) if r["vs"] else {}
+        if "error" in res:
+            lines.append(f"| {r['case']} | {r['row']} | failed | | | | | | | | | | | | |")
+            continue
+        mem = res.get("cuda_peak_mb") or res["peak_rss_mb"]
+        ref_mem = ref.get("cuda_peak_mb") or ref.get("peak_rss_mb")
+        cells = [
+            r["case"],
+            r["row"],
+            fmt(res["train_images_per_s"]),
+            fmt(res["eval_images_per_s"]),
+            fmt(mem, 0),
+            fmt(res["train_rss_delta_mb"], 0),
+            fmt(res.get("later_epoch_seconds"), 2),
+            fmt(res.get("time_to_target_s")),
+            fmt(res.get("best_val_accuracy"), 3),
+            r["vs"] or "",
+            fmt(ratio(res["train_images_per_s"], ref.get("train_images_per_s")), 2),
+            fmt(ratio(res["eval_images_per_s"], ref.get("eval_images_per_s")), 2),
+            fmt(ratio(mem, ref_mem), 2),
+            fmt(ratio(res["train_rss_delta_mb"], ref.get("train_rss_delta_mb")), 2),
+            fmt(ratio(ref.get("later_epoch_seconds"), res.get("later_epoch_seconds")), 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Fewer rows and samples (~2 min on 2 CPU cores).")
+    parser.add_argument("--compile", action="store_true", help="Add a torch.compile row.")
+    parser.add_argument("--only", default=None, help="Run only cases whose name contains this text.")
+    parser.add_argument("--results", default=str(BENCH_DIR / "results"), help="Folder for latest.json / latest.md.")
+    args = parser.parse_args(argv)
+
+    out_dir = WORK / "runs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in cases(args.quick, args.compile) if not args.only or args.only in r["case"]]
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    for index, row in enumerate(rows):
+        print(f"[{index + 1}/{len(rows)}] {row['case']}: {row['row']}", flush=True)
+        row["result"] = run_row(row, out_dir, index)
+    text = table(rows)
+    import torch
+
+    hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    header = (
+        f"hftl bench ({'quick' if args.quick else 'default'}) on {hardware}, {platform.machine()}, torch "
+        f"{torch.__version__}; load average at start {load:.1f}; total {time.perf_counter() - started:.0f}s"
+    )
+    print("\n" + header + "\n\n" + text)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    slim = [{k: v for k, v in r.items() if k != "make"} for r in rows]
+    (results / "latest.json").write_text(json.dumps({"header": header, "rows": slim}, indent=2, default=str))
+    (results / "latest.md").write_text(header + "\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

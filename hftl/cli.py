@@ -1,0 +1,160 @@
+"""The `hftl` command: train, predict, push, local Hub, demo Spaces.
+
+    hftl train classification --config recipes/configs/classification/quickstart.yaml [--option value ...]
+    hftl predict --model user/my-model cat.jpg dog.jpg [--top-k 5]
+    hftl push outputs/run user/my-model [--private] [--revision BRANCH]
+    hftl hub serve [--port 8765] [--data-dir DIR] &
+    hftl hub seed [--endpoint http://127.0.0.1:8765]
+    hftl space run --model user/my-model [--task image-classification] [--port 7860]
+    hftl space publish --model user/my-model --space user/my-demo
+
+Every subcommand that talks to a Hub takes `--endpoint URL`: huggingface_hub reads HF_ENDPOINT when it is imported,
+so this module sets it (and HF_HUB_DISABLE_XET=1, which the local endpoint needs for LFS uploads) before importing
+anything that imports huggingface_hub. Kept thin: each subcommand calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TRAIN_TASKS = ("classification", "detection", "segmentation")
+LOCAL_ENDPOINT = "http://127.0.0.1:8765"
+
+
+def _add_endpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint",
+        default=None,
+        help=f"Hub URL, e.g. the local one {LOCAL_ENDPOINT} (default: $HF_ENDPOINT, else huggingface.co)",
+    )
+
+
+def _set_endpoint(endpoint: str | None) -> None:
+    """Must run before huggingface_hub is imported (it reads these once, at import)."""
+    if endpoint:
+        if "huggingface_hub" in sys.modules and os.environ.get("HF_ENDPOINT") != endpoint.rstrip("/"):
+            raise RuntimeError("--endpoint must be set before huggingface_hub is imported; set HF_ENDPOINT instead.")
+        os.environ["HF_ENDPOINT"] = endpoint.rstrip("/")
+        os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hftl", description="Hugging Face transfer learning for computer vision: train, predict, push, demo."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="fine-tune a model (options: hftl train TASK --help)")
+    train.add_argument("task", choices=TRAIN_TASKS)
+    _add_endpoint(train)
+
+    predict = commands.add_parser("predict", help="predict labels for images with a local folder or Hub model")
+    predict.add_argument("--model", required=True, help="Hub id (user/name), bundled name, or local model folder")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--top-k", type=int, default=5, help="classification: labels to print per image")
+    predict.add_argument("--task", default=None, help="pipeline task (default: from the model)")
+    _add_endpoint(predict)
+
+    push = commands.add_parser("push", help="push a finished run (output_dir) to the Hub in one commit")
+    push.add_argument("output_dir")
+    push.add_argument("repo_id", help="user/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    push.add_argument("--license", default="apache-2.0", help="license in the model card")
+    _add_endpoint(push)
+
+    hub = commands.add_parser("hub", help="a local Hub endpoint: serve, seed")
+    hub_commands = hub.add_subparsers(dest="hub_command", required=True, metavar="HUB_COMMAND")
+    hub_commands.add_parser(
+        "serve", help="serve a local Hub endpoint (options: hftl hub serve --help)", add_help=False
+    )
+    seed = hub_commands.add_parser("seed", help="upload the bundled model and datasets to the Hub endpoint")
+    seed.add_argument("--models-only", action="store_true", help="skip the bundled datasets")
+    seed.add_argument("--dataset", action="append", default=None, help="seed only this bundled dataset (repeatable)")
+    _add_endpoint(seed)
+
+    space = commands.add_parser("space", help="Gradio demo: run locally or publish as a Space")
+    space_commands = space.add_subparsers(dest="space_command", required=True, metavar="SPACE_COMMAND")
+    run = space_commands.add_parser("run", help="serve the demo for a model locally")
+    run.add_argument("--model", required=True, help="Hub id or local model folder")
+    run.add_argument("--task", default=None, help="image-classification, object-detection or image-segmentation")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=7860)
+    _add_endpoint(run)
+    publish = space_commands.add_parser("publish", help="publish a demo Space for a Hub model")
+    publish.add_argument("--model", required=True, help="Hub model id (push it first)")
+    publish.add_argument("--space", required=True, help="Space id, user/name")
+    publish.add_argument("--task", default=None)
+    publish.add_argument("--private", action="store_true")
+    _add_endpoint(publish)
+    return parser
+
+
+def _pop_endpoint(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`--endpoint URL` / `--endpoint=URL` anywhere in pass-through argv (train, hub serve)."""
+    rest, endpoint, it = [], None, iter(argv)
+    for arg in it:
+        if arg == "--endpoint":
+            endpoint = next(it, None)
+        elif arg.startswith("--endpoint="):
+            endpoint = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return endpoint, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # train and hub serve hand their options to their own parsers (which have their own --help)
+    if argv[:1] == ["train"] and len(argv) > 1 and argv[1] in TRAIN_TASKS:
+        endpoint, rest = _pop_endpoint(argv[2:])
+        _set_endpoint(endpoint)
+        from hftl.runner import run
+
+        run(argv[1], rest)
+        return 0
+    if argv[:2] == ["hub", "serve"]:
+        from hftl.hub.server import main as serve_main
+
+        serve_main(argv[2:])
+        return 0
+
+    args = build_parser().parse_args(argv)
+    _set_endpoint(getattr(args, "endpoint", None))
+    try:
+        return _dispatch(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"hftl {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "predict":
+        from hftl.predict import format_predictions, predict
+
+        print(format_predictions(args.images, predict(args.model, args.images, top_k=args.top_k, task=args.task)))
+    elif args.command == "push":
+        from hftl.hub.push import push_run
+
+        print(
+            push_run(args.output_dir, args.repo_id, private=args.private, revision=args.revision, license=args.license)
+        )
+    elif args.command == "hub":  # serve is handled before parsing
+        from hftl.hub.seed import seed_hub
+
+        seed_hub(datasets=[] if args.models_only else args.dataset)
+    elif args.command == "space" and args.space_command == "run":
+        from hftl.spaces import run_space
+
+        run_space(args.task, args.model, args.host, args.port)
+    elif args.command == "space":
+        from hftl.spaces import publish_space
+
+        print(publish_space(args.model, args.space, task=args.task, private=args.private))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

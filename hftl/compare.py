@@ -1,0 +1,345 @@
+"""Choosing how to transfer: run a grid of backbones × strategies × label budgets × seeds, then report.
+
+Every cell is a normal hftl classification run into `<report_dir>/runs/<model>__<strategy>__<shots>__seed<k>/`.
+A cell whose `all_results.json` exists is finished and skipped, so an interrupted grid resumes where it stopped.
+The strategy name `scratch` means "full fine-tuning of the same architecture from random init" (`--from_scratch`):
+the baseline every transfer strategy has to beat, drawn on every learning-curve plot.
+
+Cells run in child processes by default, so each cell's peak memory (RSS, and CUDA when used) is its own; under a
+multi-process `accelerate launch` they run in-process, every rank stepping through the same grid.
+
+Usage:
+    accelerate launch recipes/compare.py --dataset hftl/digits --models hftl/efficientnet-lite0 \
+        --strategies linear-probe,lora,full --shots 1,5,10,all --seeds 3 --report_dir outputs/compare
+    python -m hftl.compare <cell_config.json>      # one cell (what the grid's child processes run)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+from copy import deepcopy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from hftl.config import CONFIG_CLASSES, STRATEGIES, DataArgs, HubArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
+from hftl.config import parse_config as parse_run_config
+from hftl.runner import RESULTS_FILE, run_config
+from hftl.shift import ADAPT_METHODS, CORRUPTIONS
+
+SCRATCH = "scratch"
+RESOURCES_FILE = "resources.json"
+CELL_CONFIG_FILE = "cell_config.json"
+LOG_FILE = "log.txt"
+
+
+@dataclass
+class CompareArgs:
+    models: str = field(
+        default="hftl/efficientnet-lite0", metadata={"help": "Comma-separated models (Hub ids, folders, bundled)."}
+    )
+    strategies: str = field(
+        default="linear-probe,lora,full",
+        metadata={"help": f"Comma-separated strategies: {', '.join(STRATEGIES)}, or {SCRATCH} (random init, full)."},
+    )
+    shots: str = field(default="1,5,10,all", metadata={"help": "Labelled images per class: numbers and/or 'all'."})
+    seeds: int = field(default=3, metadata={"help": "Seeds per cell (train seed + 0..seeds-1; also the sample)."})
+    report_dir: str = field(default="outputs/compare", metadata={"help": "Runs go to runs/, the report to report/."})
+    scratch_baseline: bool = field(
+        default=True, metadata={"help": f"Add the '{SCRATCH}' strategy to the grid (learning-curve baseline)."}
+    )
+    budget_seconds: float | None = field(
+        default=None, metadata={"help": "Recommend the best cell whose mean train time is at most this."}
+    )
+    budget_params: int | None = field(
+        default=None, metadata={"help": "Recommend the best cell with at most this many trainable parameters."}
+    )
+    isolate: bool = field(
+        default=True, metadata={"help": "Run each cell in a child process (its own peak memory; crash-safe)."}
+    )
+    shift: str | None = field(
+        default="blur,noise,contrast,rotation",
+        metadata={"help": f"Corruptions for the shift evaluation ({', '.join(CORRUPTIONS)}); 'none' to skip."},
+    )
+    shift_severities: str = field(default="1,2,3", metadata={"help": "Corruption severities, 1..5."})
+    adapt: str = field(
+        default="adabn,tent", metadata={"help": f"Label-free adaptation under shift: {', '.join(ADAPT_METHODS)}."}
+    )
+    shift_cells: str = field(
+        default="best", metadata={"help": "Shift-evaluate 'best' (the recommendation) or 'all' model×strategy pairs."}
+    )
+    eval_datasets: str | None = field(
+        default=None, metadata={"help": "Extra test sets with the same labels (ids, folders, bundled), comma list."}
+    )
+    push_report: str | None = field(default=None, metadata={"help": "Upload report/ to this Hub dataset repo."})
+
+
+COMPARE_KEYS = {f.name for f in fields(CompareArgs)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    strategy: str
+    shots: int | None  # None = all
+    seed_index: int
+
+    @property
+    def name(self) -> str:
+        return f"{model_slug(self.model)}__{self.strategy}__{shots_label(self.shots)}__seed{self.seed_index}"
+
+
+def model_slug(model: str) -> str:
+    """A folder-safe name: Hub ids keep owner and name, local folders their last component."""
+    path = Path(model)
+    name = path.name if (path.is_dir() or model.startswith((".", "/"))) else model.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "model"
+
+
+def shots_label(shots: int | None) -> str:
+    return "all" if shots is None else str(shots)
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def parse_shots(text: str) -> list[int | None]:
+    values = []
+    for part in _split(text):
+        if part.lower() == "all":
+            values.append(None)
+        elif part.isdigit() and int(part) > 0:
+            values.append(int(part))
+        else:
+            raise ValueError(f"--shots: {part!r} is neither a positive number of images per class nor 'all'.")
+    if not values:
+        raise ValueError("--shots is empty; e.g. --shots 1,5,10,all.")
+    return values
+
+
+def parse_compare_config(argv: list[str] | None = None, defaults: dict | None = None) -> tuple[CompareArgs, RunConfig]:
+    """Compare options and the per-cell run options, from one YAML (`--config`) and one command line."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(CompareArgs, allow_abbrev=False)  # --model must never abbreviate to --models
+    parser.add_argument("--config", default=None)
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print("\nEvery option of a single run applies to each cell as well:\n")
+        HfArgumentParser(CONFIG_CLASSES).print_help()
+        raise SystemExit(0)
+    merged = dict(defaults or {})
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        from hftl.config import _read_yaml
+
+        merged.update(_read_yaml(pre.config))
+    if isinstance(merged.get("shots"), list):  # YAML lists read as lists; the flag takes a comma string
+        merged["shots"] = ",".join(str(s) for s in merged["shots"])
+    for key in ("models", "strategies", "shift", "adapt", "shift_severities", "eval_datasets"):
+        if isinstance(merged.get(key), list):
+            merged[key] = ",".join(str(v) for v in merged[key])
+    compare_defaults = {k: v for k, v in merged.items() if k in COMPARE_KEYS}
+    run_defaults = {k: v for k, v in merged.items() if k not in COMPARE_KEYS}
+    parser.set_defaults(**compare_defaults)
+    args, _, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    rest = _drop_config_flag(rest)
+    base = parse_run_config(rest, run_defaults)
+    validate(args)
+    return args, base
+
+
+def _drop_config_flag(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--config":
+            skip = True
+        elif not token.startswith("--config="):
+            out.append(token)
+    return out
+
+
+def validate(args: CompareArgs) -> None:
+    models = _split(args.models)
+    if not models:
+        raise ValueError("--models is empty; e.g. --models hftl/efficientnet-lite0,google/vit-base-patch16-224.")
+    slugs = [model_slug(m) for m in models]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"--models {models} give the same folder name twice ({slugs}); rename a local folder.")
+    for strategy in _split(args.strategies):
+        if strategy not in (*STRATEGIES, SCRATCH):
+            raise ValueError(f"--strategies: unknown {strategy!r}; choose from {', '.join((*STRATEGIES, SCRATCH))}.")
+    parse_shots(args.shots)
+    if args.seeds < 1:
+        raise ValueError("--seeds must be at least 1.")
+    for name, value in (("--budget_seconds", args.budget_seconds), ("--budget_params", args.budget_params)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive.")
+    for corruption in shift_corruptions(args):
+        if corruption not in CORRUPTIONS:
+            raise ValueError(f"--shift: unknown corruption {corruption!r}; choose from {', '.join(CORRUPTIONS)}.")
+    for severity in _split(args.shift_severities):
+        if not (severity.isdigit() and 1 <= int(severity) <= 5):
+            raise ValueError(f"--shift_severities: {severity!r} is not a severity 1..5.")
+    for method in _split(args.adapt):
+        if method not in ADAPT_METHODS:
+            raise ValueError(f"--adapt: unknown {method!r}; choose from {', '.join(ADAPT_METHODS)}.")
+    if args.shift_cells not in ("best", "all"):
+        raise ValueError("--shift_cells must be 'best' or 'all'.")
+
+
+def shift_corruptions(args: CompareArgs) -> list[str]:
+    return [] if (args.shift or "none").lower() == "none" else _split(args.shift)
+
+
+def grid(args: CompareArgs) -> list[Cell]:
+    strategies = _split(args.strategies)
+    if args.scratch_baseline and SCRATCH not in strategies:
+        strategies.append(SCRATCH)
+    return [
+        Cell(model, strategy, shots, k)
+        for model in _split(args.models)
+        for strategy in strategies
+        for shots in parse_shots(args.shots)
+        for k in range(args.seeds)
+    ]
+
+
+def cell_config(base: RunConfig, cell: Cell, run_dir: Path) -> RunConfig:
+    config = deepcopy(base)
+    config.model.model = cell.model
+    config.model.from_scratch = cell.strategy == SCRATCH
+    config.strategy.strategy = "full" if cell.strategy == SCRATCH else cell.strategy
+    config.data.shots = cell.shots
+    config.train.seed = base.train.seed + cell.seed_index
+    config.train.output_dir = str(run_dir)
+    config.train.overwrite_output_dir = True  # an unfinished cell (no all_results.json) is redone from the start
+    config.train.resume_from_checkpoint = None
+    config.hub.push_to_hub, config.hub.publish_space = False, None  # cells are experiments; push the winner yourself
+    return config
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    groups = zip(
+        ("data", "model", "strategy", "train", "hub"), (DataArgs, ModelArgs, StrategyArgs, TrainArgs, HubArgs)
+    )
+    return RunConfig(*(cls(**values[name]) for name, cls in groups))
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / RESULTS_FILE).is_file()
+
+
+def run_grid(args: CompareArgs, base: RunConfig) -> list[Path]:
+    """Runs every unfinished cell; returns all cells' run folders."""
+    runs = Path(args.report_dir) / "runs"
+    cells = grid(args)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    isolate = args.isolate and not distributed
+    done = sum(is_finished(runs / cell.name) for cell in cells)
+    print(f"compare: {len(cells)} cells, {done} already finished, {len(cells) - done} to run ({runs})")
+    for number, cell in enumerate(cells, 1):
+        run_dir = runs / cell.name
+        if is_finished(run_dir):
+            continue
+        config = cell_config(base, cell, run_dir)
+        started = time.perf_counter()
+        print(f"[{number}/{len(cells)}] {cell.name} ...", flush=True)
+        if isolate:
+            run_cell_subprocess(config, run_dir)
+        else:
+            run_cell_in_process(config, run_dir)
+        print(f"[{number}/{len(cells)}] {cell.name} done in {time.perf_counter() - started:.1f}s", flush=True)
+    return [runs / cell.name for cell in cells]
+
+
+def run_cell_subprocess(config: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / CELL_CONFIG_FILE
+    config_path.write_text(json.dumps(config.to_dict(), indent=2))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    with open(run_dir / LOG_FILE, "w") as log:
+        code = subprocess.call(
+            [sys.executable, "-m", "hftl.compare", str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    if code != 0 or not is_finished(run_dir):
+        tail = "".join((run_dir / LOG_FILE).read_text(errors="replace").splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"Cell {run_dir.name} failed (exit code {code}); log {run_dir / LOG_FILE}:\n{tail}")
+
+
+def run_cell_in_process(config: RunConfig, run_dir: Path) -> None:
+    """Peak RSS sampled while the cell runs (the process's, so earlier cells' leftovers count too)."""
+    import psutil
+    import torch
+
+    process, peak, stop = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sampler.start()
+    try:
+        run_config("classification", config)
+    finally:
+        stop.set()
+        sampler.join()
+    _write_resources(run_dir, peak[0] / 2**20, "sampled in-process (psutil, 50 ms)")
+
+
+def run_cell_file(config_path: str) -> None:
+    """Child-process entry: one cell, then its own peak memory from the kernel (exact, not sampled)."""
+    config = config_from_dict(json.loads(Path(config_path).read_text()))
+    run_config("classification", config)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak_kb / 2**20 if sys.platform == "darwin" else peak_kb / 2**10  # macOS reports bytes
+    _write_resources(Path(config.train.output_dir), peak_mb, "process peak RSS (getrusage)")
+
+
+def _write_resources(run_dir: Path, peak_rss_mb: float, how: str) -> None:
+    import torch
+
+    values = {"peak_rss_mb": round(peak_rss_mb, 1), "measured": how}
+    if torch.cuda.is_available():
+        values["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tmp = run_dir / f".{RESOURCES_FILE}.tmp"
+        tmp.write_text(json.dumps(values))
+        os.replace(tmp, run_dir / RESOURCES_FILE)
+
+
+def compare(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
+    """The recipe: parse, run the grid, evaluate under shift, write (and push) the report. Returns the summary."""
+    from hftl.report import write_report
+
+    args, base = parse_compare_config(argv, defaults)
+    run_dirs = run_grid(args, base)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    summary = write_report(args, run_dirs)
+    if args.push_report:
+        from hftl.report import push_report
+
+        print(f"report pushed: {push_report(Path(args.report_dir) / 'report', args.push_report)}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cell_file(sys.argv[1])

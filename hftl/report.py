@@ -1,0 +1,414 @@
+"""The comparison report: leaderboard (Markdown + CSV), plots, a recommendation, pretrained vs scratch, and
+accuracy under distribution shift before and after label-free adaptation.
+
+Every number comes from the cells' own `all_results.json` (and `resources.json` for memory), so the report can be
+rebuilt at any time from the run folders alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from hftl.runner import RESULTS_FILE
+
+SCRATCH = "scratch"
+LEADERBOARD_COLUMNS = [
+    "model", "strategy", "shots", "labels_per_class", "seeds", "accuracy_mean", "accuracy_std", "f1_macro_mean",
+    "f1_macro_std", "trainable_parameters", "total_parameters", "train_seconds_mean", "peak_rss_mb", "peak_cuda_mb",
+]  # fmt: skip
+
+
+def load_cell(run_dir: Path) -> dict:
+    """One finished cell, flattened: what the leaderboard aggregates."""
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    config = results["config"]
+    resources_path = run_dir / "resources.json"
+    resources = json.loads(resources_path.read_text()) if resources_path.is_file() else {}
+    shots = config["data"]["shots"]
+    return {
+        "run_dir": str(run_dir),
+        "model": results["model"],
+        "strategy": SCRATCH if config["model"].get("from_scratch") else results["strategy"],
+        "shots": "all" if shots is None else str(shots),
+        "labels_per_class": results["num_samples"]["train"] / len(results["labels"]),
+        "seed": config["train"]["seed"],
+        "accuracy": results["test"]["accuracy"],
+        "f1_macro": results["test"]["f1_macro"],
+        "trainable_parameters": results["trainable_parameters"],
+        "total_parameters": results["total_parameters"],
+        "train_seconds": results["train"]["seconds"],
+        "peak_rss_mb": resources.get("peak_rss_mb"),
+        "peak_cuda_mb": resources.get("peak_cuda_mb"),
+        "dataset": results["dataset"],
+        "hardware": results.get("hardware", ""),
+    }
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _max_or_none(values):
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """One row per (model, strategy, shots): mean and sample std (n − 1) over seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for cell in cells:
+        groups[(cell["model"], cell["strategy"], cell["shots"])].append(cell)
+    rows = []
+    for (model, strategy, shots), members in groups.items():
+        accuracy = [m["accuracy"] for m in members]
+        f1 = [m["f1_macro"] for m in members]
+        rows.append({
+            "model": model,
+            "strategy": strategy,
+            "shots": shots,
+            "labels_per_class": statistics.mean(m["labels_per_class"] for m in members),
+            "seeds": len(members),
+            "accuracy_mean": statistics.mean(accuracy),
+            "accuracy_std": _std(accuracy),
+            "f1_macro_mean": statistics.mean(f1),
+            "f1_macro_std": _std(f1),
+            "trainable_parameters": max(m["trainable_parameters"] for m in members),
+            "total_parameters": max(m["total_parameters"] for m in members),
+            "train_seconds_mean": statistics.mean(m["train_seconds"] for m in members),
+            "peak_rss_mb": _max_or_none(m["peak_rss_mb"] for m in members),
+            "peak_cuda_mb": _max_or_none(m["peak_cuda_mb"] for m in members),
+            "run_dirs": sorted(m["run_dir"] for m in members),
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: (_shots_order(r["shots"]), -r["accuracy_mean"]))
+
+
+def _shots_order(shots: str) -> float:
+    return float("inf") if shots == "all" else float(shots)
+
+
+def recommend(rows: list[dict], budget_seconds: float | None, budget_params: int | None) -> dict:
+    """Per label budget: the most accurate row whose mean train time and trainable parameters fit the budgets."""
+    out = {}
+    for shots in sorted({r["shots"] for r in rows}, key=_shots_order):
+        candidates = [r for r in rows if r["shots"] == shots]
+        fitting = [
+            r for r in candidates
+            if (budget_seconds is None or r["train_seconds_mean"] <= budget_seconds)
+            and (budget_params is None or r["trainable_parameters"] <= budget_params)
+        ]  # fmt: skip
+        best = max(fitting, key=lambda r: r["accuracy_mean"]) if fitting else None
+        out[shots] = {"best": best, "fits": len(fitting), "of": len(candidates)}
+    return out
+
+
+def pretrained_vs_scratch(rows: list[dict]) -> list[dict]:
+    """For each model and label budget: the best transfer strategy against the from-scratch baseline."""
+    out = []
+    for (model, shots), members in _group(rows, ("model", "shots")).items():
+        scratch = next((r for r in members if r["strategy"] == SCRATCH), None)
+        transfer = [r for r in members if r["strategy"] != SCRATCH]
+        if scratch is None or not transfer:
+            continue
+        best = max(transfer, key=lambda r: r["accuracy_mean"])
+        out.append({
+            "model": model, "shots": shots, "best_strategy": best["strategy"],
+            "pretrained_accuracy": best["accuracy_mean"], "pretrained_std": best["accuracy_std"],
+            "scratch_accuracy": scratch["accuracy_mean"], "scratch_std": scratch["accuracy_std"],
+            "gain": best["accuracy_mean"] - scratch["accuracy_mean"],
+        })  # fmt: skip
+    return sorted(out, key=lambda r: (r["model"], _shots_order(r["shots"])))
+
+
+def _group(rows: list[dict], keys: tuple) -> dict:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[k] for k in keys)].append(row)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shift evaluation of chosen cells
+
+
+def shift_evaluation(args, rows: list[dict], recommendation: dict) -> list[dict]:
+    from hftl.compare import _split, shift_corruptions
+
+    corruptions, extra = shift_corruptions(args), _split(args.eval_datasets)
+    if not corruptions and not extra:
+        return []
+    top = max(rows, key=lambda r: _shots_order(r["shots"]))["shots"]
+    if args.shift_cells == "all":
+        chosen = [r for r in rows if r["shots"] == top]
+    else:
+        best = recommendation.get(top, {}).get("best")
+        chosen = [best] if best else []
+    out = []
+    for row in chosen:
+        run_dir = Path(row["run_dirs"][0])
+        for item in _shift_for_run(args, run_dir, corruptions, extra):
+            out.append(
+                {
+                    "model": row["model"],
+                    "strategy": row["strategy"],
+                    "shots": row["shots"],
+                    "run_dir": str(run_dir),
+                    **item,
+                }
+            )
+    return out
+
+
+def _shift_for_run(args, run_dir: Path, corruptions: list[str], extra: list[str]) -> list[dict]:
+    """Cached in the run folder as shift_results.json, keyed by the settings that produced it."""
+    from hftl.compare import _split, config_from_dict
+    from hftl.runner import prepare_data
+    from hftl.shift import evaluate_shift
+    from hftl.tasks import get_task
+
+    settings = {
+        "corruptions": corruptions,
+        "severities": _split(args.shift_severities),
+        "methods": _split(args.adapt),
+        "eval_datasets": extra,
+    }
+    cache = run_dir / "shift_results.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("settings") == settings:
+            return saved["rows"]
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    config = config_from_dict(results["config"])
+    task = get_task("classification", config)
+    dsd, names = prepare_data(task, config)
+    image_column, label_column = task.image_column, task.label_column
+    targets = [(name, _eval_dataset(config, name, names, image_column, label_column)) for name in extra]
+    print(
+        f"shift evaluation of {run_dir.name}: {len(corruptions)} corruptions × {len(settings['severities'])} "
+        f"severities, adaptation {settings['methods'] or 'none'}"
+    )
+    rows = evaluate_shift(
+        run_dir,
+        dsd["test"],
+        image_column,
+        label_column,
+        corruptions,
+        [int(s) for s in settings["severities"]],
+        settings["methods"],
+        seed=config.train.seed,
+        extra_targets=targets,
+    )
+    cache.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    return rows
+
+
+def _eval_dataset(config, dataset: str, names: list[str], image_column: str, label_column: str):
+    """Another dataset's test split with its labels mapped onto the model's (same class names required)."""
+    from copy import deepcopy
+
+    from datasets import ClassLabel
+
+    from hftl.runner import prepare_data
+    from hftl.tasks import get_task
+
+    other = deepcopy(config)
+    other.data.dataset, other.data.shots, other.data.image_column, other.data.label_column = dataset, None, None, None
+    task = get_task("classification", other)
+    dsd, other_names = prepare_data(task, other)
+    if set(other_names) != set(names):
+        raise ValueError(f"--eval_datasets {dataset!r} has classes {other_names}; the models were trained on {names}.")
+    to_model = [names.index(n) for n in other_names]
+    test = dsd["test"].select_columns([task.image_column, task.label_column])
+    test = test.map(lambda ex: {task.label_column: to_model[ex[task.label_column]]}, keep_in_memory=True)
+    test = test.cast_column(task.label_column, ClassLabel(names=names))
+    renames = {
+        old: new for old, new in ((task.image_column, image_column), (task.label_column, label_column)) if old != new
+    }
+    return test.rename_columns(renames) if renames else test
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(args, run_dirs: list[Path]) -> dict:
+    from hftl.report_plots import plot_learning_curves, plot_scatter, plot_shift
+
+    report = Path(args.report_dir) / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    cells = [load_cell(d) for d in run_dirs if (d / RESULTS_FILE).is_file()]
+    if not cells:
+        raise RuntimeError(f"No finished cells under {args.report_dir}/runs: nothing to report.")
+    rows = aggregate(cells)
+    recommendation = recommend(rows, args.budget_seconds, args.budget_params)
+    versus = pretrained_vs_scratch(rows)
+    shift_rows = shift_evaluation(args, rows, recommendation)
+    _write_csv(report / "leaderboard.csv", rows)
+    (report / "leaderboard.md").write_text(leaderboard_markdown(rows) + "\n")
+    plots = [
+        plot_scatter(rows, "trainable_parameters", "trainable parameters", report / "accuracy_vs_params.png"),
+        plot_scatter(rows, "train_seconds_mean", "train time (s)", report / "accuracy_vs_time.png"),
+        plot_learning_curves(rows, report / "learning_curves.png"),
+    ]
+    if shift_rows:
+        plots.append(plot_shift(shift_rows, report / "shift.png"))
+        _write_csv(
+            report / "shift.csv",
+            shift_rows,
+            ["model", "strategy", "shots", "target", "severity", "method", "accuracy", "drop"],
+        )
+    summary = {
+        "dataset": cells[0]["dataset"],
+        "hardware": cells[0]["hardware"],
+        "cells": len(cells),
+        "total_train_seconds": sum(c["train_seconds"] for c in cells),
+        "budget_seconds": args.budget_seconds,
+        "budget_params": args.budget_params,
+        "leaderboard": rows,
+        "recommendation": recommendation,
+        "pretrained_vs_scratch": versus,
+        "shift": shift_rows,
+        "plots": [p.name for p in plots],
+    }
+    (report / "summary.json").write_text(json.dumps(summary, indent=2))
+    (report / "README.md").write_text(report_markdown(summary, args))
+    print(f"report: {report / 'README.md'}")
+    print(recommendation_line(recommendation, args))
+    return summary
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str] = LEADERBOARD_COLUMNS) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def _num(value, fmt: str = "{:.1f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def leaderboard_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | strategy | shots | labels/class | seeds | test accuracy | test f1_macro | trainable params "
+        "| train s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['strategy']} | {r['shots']} | {r['labels_per_class']:.1f} | {r['seeds']} "
+            f"| {_pm(r['accuracy_mean'], r['accuracy_std'])} | {_pm(r['f1_macro_mean'], r['f1_macro_std'])} "
+            f"| {r['trainable_parameters']:,} | {r['train_seconds_mean']:.1f} | {_num(r['peak_rss_mb'], '{:.0f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def _budget_text(args) -> str:
+    parts = []
+    if args.budget_seconds is not None:
+        parts.append(f"≤ {args.budget_seconds:g} s train time")
+    if args.budget_params is not None:
+        parts.append(f"≤ {args.budget_params:,} trainable parameters")
+    return " and ".join(parts) or "no budget"
+
+
+def recommendation_line(recommendation: dict, args) -> str:
+    if not recommendation:
+        return "Recommendation: no finished cells."
+    shots = max(recommendation, key=_shots_order)
+    entry = recommendation[shots]
+    if entry["best"] is None:
+        return f"Recommendation ({_budget_text(args)}, shots {shots}): no cell fits; relax the budget."
+    best = entry["best"]
+    return (
+        f"Recommendation ({_budget_text(args)}, shots {shots}): {best['model']} + {best['strategy']}: test accuracy "
+        f"{_pm(best['accuracy_mean'], best['accuracy_std'])}, {best['trainable_parameters']:,} trainable params, "
+        f"{best['train_seconds_mean']:.1f} s train ({entry['fits']}/{entry['of']} cells fit)."
+    )
+
+
+def report_markdown(summary: dict, args) -> str:
+    rows = summary["leaderboard"]
+    lines = [
+        "---", "tags: [hftl, transfer-learning, model-comparison]", "---", "",
+        f"# Choosing how to transfer: {summary['dataset']}", "",
+        f"{summary['cells']} runs ({len(rows)} model × strategy × shots cells, mean ± sample std over seeds), "
+        f"{summary['total_train_seconds']:.0f} s of training on {summary['hardware']}. Made with hftl "
+        "(`recipes/compare.py`); every number comes from the runs' `all_results.json`.", "",
+        f"**{recommendation_line(summary['recommendation'], args)}**", "",
+        "## Best cell per label budget", "",
+        "| shots | best (within budget) | test accuracy | train s | trainable params |", "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for shots, entry in sorted(summary["recommendation"].items(), key=lambda kv: _shots_order(kv[0])):
+        best = entry["best"]
+        if best is None:
+            lines.append(f"| {shots} | none fits | – | – | – |")
+        else:
+            lines.append(
+                f"| {shots} | {best['model']} + {best['strategy']} | "
+                f"{_pm(best['accuracy_mean'], best['accuracy_std'])} | {best['train_seconds_mean']:.1f} | "
+                f"{best['trainable_parameters']:,} |"
+            )
+    lines += ["", "## Leaderboard", "", leaderboard_markdown(rows), ""]
+    if summary["pretrained_vs_scratch"]:
+        lines += [
+            "## Pretrained vs from scratch",
+            "",
+            "| model | shots | best transfer | accuracy | scratch | gain |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in summary["pretrained_vs_scratch"]:
+            lines.append(
+                f"| {r['model']} | {r['shots']} | {r['best_strategy']} | "
+                f"{_pm(r['pretrained_accuracy'], r['pretrained_std'])} | "
+                f"{_pm(r['scratch_accuracy'], r['scratch_std'])} | {r['gain']:+.4f} |"
+            )
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in summary["plots"]] + [""]
+    if summary["shift"]:
+        lines += ["## Under distribution shift", "", shift_markdown(summary["shift"]), ""]
+    return "\n".join(lines)
+
+
+def shift_markdown(shift_rows: list[dict]) -> str:
+    """One table per shift-evaluated run: rows = target × severity, columns = adaptation methods."""
+    out = []
+    for (model, strategy, shots), members in _group(shift_rows, ("model", "strategy", "shots")).items():
+        methods = list(dict.fromkeys(r["method"] for r in members))
+        skipped = members[0].get("skipped") or []
+        out.append(
+            f"**{model} + {strategy}, shots {shots}** (test accuracy; drop vs clean in brackets"
+            + (f"; {', '.join(skipped)} not applicable: no BatchNorm" if skipped else "")
+            + ")\n"
+        )
+        out.append("| target | severity | " + " | ".join(methods) + " |")
+        out.append("|---|---|" + "---|" * len(methods))
+        for (target, severity), cells in _group(members, ("target", "severity")).items():
+            by_method = {c["method"]: c for c in cells}
+            # + 0.0 turns a -0.0 change into 0.0
+            values = [
+                f"{by_method[m]['accuracy']:.4f} ({-by_method[m]['drop'] + 0.0:+.3f})" if m in by_method else "–"
+                for m in methods
+            ]
+            out.append(f"| {target} | {severity} | " + " | ".join(values) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def push_report(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Uploads the report folder as a Hub dataset repo (README.md is its card); returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message="hftl compare report"
+    )
+    return str(url)

@@ -1,0 +1,209 @@
+"""Real training runs on tiny models: every strategy learns, frozen stays frozen, outputs load, resume is exact."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hftl.runner import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _argv(data, model, out, *extra):
+    return [
+        "--dataset", str(data), "--model", str(model), "--output_dir", str(out), "--num_epochs", "3",
+        "--batch_size", "8", "--learning_rate", "3.0e-3", "--report_to", "none", "--seed", "0", *extra,
+    ]  # fmt: skip
+
+
+def _weights(folder) -> dict:
+    return load_file(Path(folder) / "model.safetensors")
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_vit_dir", "tiny_resnet_dir"])
+def test_full_finetune_learns_and_pipeline_predicts_names(model_fixture, colour_folder, tmp_path, request):
+    from transformers import pipeline
+
+    model_dir = request.getfixturevalue(model_fixture)
+    results = run("classification", _argv(colour_folder, model_dir, tmp_path / "out"))
+    history = results["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert results["test"]["accuracy"] >= 0.9
+    assert results["test"]["num_samples"] == 16
+    classifier = pipeline("image-classification", model=str(tmp_path / "out"))
+    preds = classifier([str(p) for p in sorted((colour_folder / "test" / "red").glob("*.png"))[:4]])
+    assert all(p[0]["label"] == "red" for p in preds)
+    saved = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert saved["test"] == pytest.approx(results["test"])
+    assert (tmp_path / "out" / "test_confusion_matrix.png").stat().st_size > 1000
+    matrix = json.loads((tmp_path / "out" / "test_confusion_matrix.json").read_text())
+    assert sum(map(sum, matrix["matrix"])) == 16
+
+
+def test_timm_model_through_transformers_wrapper(tiny_timm_dir, colour_folder, tmp_path):
+    """timm models train through TimmWrapper and save a folder that pipeline() and timm both understand."""
+    import timm
+    from transformers import pipeline
+
+    results = run("classification", _argv(colour_folder, tiny_timm_dir, tmp_path / "out", "--num_epochs", "2"))
+    assert results["history"][-1]["train_loss"] < results["history"][0]["train_loss"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "test_resnet" and not config.get("model_args")
+    labels = {p["label"] for p in pipeline("image-classification", model=str(tmp_path / "out"))(
+        str(next((colour_folder / "test" / "red").glob("*.png"))))}  # fmt: skip
+    assert labels == {"blue", "red"}
+    net = timm.create_model("test_resnet", num_classes=2)
+    state = {k.removeprefix("timm_model."): v for k, v in _weights(tmp_path / "out").items()}
+    net.load_state_dict(state)  # the weights are plain timm weights under a prefix
+
+
+def test_linear_probe_keeps_backbone_bit_identical(tiny_resnet_dir, colour_folder, tmp_path):
+    argv = _argv(colour_folder, tiny_resnet_dir, tmp_path / "out", "--strategy", "linear-probe", "--num_epochs", "5")
+    results = run("classification", argv + ["--learning_rate", "5.0e-2"])
+    before, after = _weights(tiny_resnet_dir), _weights(tmp_path / "out")
+    body = [k for k in before if not k.startswith("classifier")]
+    assert body and all(torch.equal(before[k], after[k]) for k in body)
+    assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
+    assert results["trainable_parameters"] == 16 * 2 + 2
+    assert results["test"]["accuracy"] >= 0.9
+
+
+def test_gradual_unfreeze_thaws_from_the_top(tiny_vit_dir, colour_folder, tmp_path):
+    argv = _argv(colour_folder, tiny_vit_dir, tmp_path / "out", "--strategy", "gradual-unfreeze", "--num_epochs", "1")
+    run("classification", argv + ["--unfreeze_every", "2"])  # one epoch: only the head may move
+    before, after = _weights(tiny_vit_dir), _weights(tmp_path / "out")
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("classifier"))
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    out2 = tmp_path / "out2"
+    argv = _argv(colour_folder, tiny_vit_dir, out2, "--strategy", "gradual-unfreeze", "--unfreeze_groups", "2")
+    results = run("classification", argv + ["--metric_for_best", "loss"])  # eval loss keeps falling: last epoch wins
+    after2 = _weights(out2)
+    # saved files keep the classic ViT key names
+    top, bottom = (
+        "vit.encoder.layer.1.attention.attention.query.weight",
+        "vit.embeddings.patch_embeddings.projection.weight",
+    )
+    assert not torch.equal(before[top], after2[top])  # thawed by epoch 2
+    assert results["test"]["accuracy"] >= 0.9
+    assert bottom in before
+
+
+def test_lora_adapter_reloads_to_the_same_predictions(tiny_vit_dir, colour_folder, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    out = tmp_path / "out"
+    results = run("classification", _argv(colour_folder, tiny_vit_dir, out, "--strategy", "lora", "--lora_r", "4"))
+    assert results["trainable_parameters"] < results["total_parameters"] / 2
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_vit_dir)
+    assert "classifier" in adapter_config["modules_to_save"]
+
+    processor = AutoImageProcessor.from_pretrained(out)
+    images = [str(p) for p in sorted((colour_folder / "test").rglob("*.png"))]
+    from PIL import Image
+
+    pixels = processor([Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
+    base = AutoModelForImageClassification.from_pretrained(tiny_vit_dir)
+    with torch.no_grad():
+        adapter_logits = PeftModel.from_pretrained(base, out / "adapter").eval()(pixel_values=pixels).logits
+        merged_logits = AutoModelForImageClassification.from_pretrained(out).eval()(pixel_values=pixels).logits
+    torch.testing.assert_close(adapter_logits, merged_logits, atol=1e-4, rtol=1e-4)
+    accuracy = (merged_logits.argmax(-1) == torch.tensor([0 if "/blue/" in p else 1 for p in images])).float().mean()
+    assert accuracy.item() == pytest.approx(results["test"]["accuracy"])
+
+
+def test_layer_decay_gives_lower_rates_to_lower_layers(tiny_vit_dir):
+    from transformers import AutoModelForImageClassification
+
+    from hftl.config import StrategyArgs
+    from hftl.models import apply_strategy
+    from hftl.tasks.classification import ClassificationTask
+
+    model = AutoModelForImageClassification.from_pretrained(tiny_vit_dir)
+    adapted = apply_strategy(model, ClassificationTask(), StrategyArgs(strategy="full", layer_decay=0.5), 1.0)
+    lr_of = {name: g["lr"] for g in adapted.param_groups for name, _ in g["named_params"]}
+    assert lr_of["classifier.weight"] == 1.0
+    assert lr_of["vit.layers.1.attention.q_proj.weight"] == 0.5 * lr_of["vit.layernorm.weight"]
+    assert lr_of["vit.layers.0.attention.q_proj.weight"] == 0.5 * lr_of["vit.layers.1.attention.q_proj.weight"]
+    assert lr_of["vit.embeddings.patch_embeddings.projection.weight"] < lr_of["vit.layers.0.attention.q_proj.weight"]
+
+
+def test_resume_continues_to_the_same_weights(tiny_vit_dir, colour_folder, tmp_path):
+    common = ["--checkpointing_steps", "3", "--checkpoints_total_limit", "20", "--num_epochs", "2"]
+    full = tmp_path / "uninterrupted"
+    run("classification", _argv(colour_folder, tiny_vit_dir, full, *common))
+    checkpoints = sorted((full / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # 43 train rows / batch 8 = 6 steps an epoch: checkpoint-3 is mid-epoch, checkpoint-6 an epoch boundary
+    for name in ("checkpoint-3", "checkpoint-6"):
+        assert full / "checkpoints" / name in checkpoints
+        resumed = tmp_path / f"resumed-{name}"
+        run("classification", _argv(colour_folder, tiny_vit_dir, resumed, *common,
+                                    "--resume_from_checkpoint", str(full / "checkpoints" / name)))  # fmt: skip
+        a, b = _weights(full), _weights(resumed)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"resume from {name} diverged"
+
+
+def test_latest_ignores_a_half_written_checkpoint(tmp_path):
+    from hftl.trainer import STATE_FILE, resolve_checkpoint
+
+    for step, complete in ((4, True), (8, False)):
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / STATE_FILE).write_text("{}")
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-12").mkdir()
+    assert resolve_checkpoint("latest", str(tmp_path)).name == "checkpoint-4"
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_vit_dir, colour_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        run("classification", _argv(colour_folder, tiny_vit_dir, out))
+
+
+def test_unknown_model_fails_before_training(colour_folder, tmp_path):
+    with pytest.raises(ValueError, match="could not be loaded.*hftl hub serve"):
+        run("classification", _argv(colour_folder, "nobody/no-such-model", tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_two_ranks_gather_every_test_image_once(tiny_vit_dir, colour_folder, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd = [*launch, str(REPO / "recipes" / "classify.py"), *_argv(colour_folder, tiny_vit_dir, out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert "2 process(es)" in results["hardware"]
+    assert results["test"]["num_samples"] == 16  # 16 test images, none duplicated by the sampler's padding
+    assert results["eval"]["num_samples"] == results["num_samples"]["validation"]
+    assert results["test"]["accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_97_percent_on_digits(tmp_path):
+    """The README's offline quickstart, end to end: bundled ImageNet weights fine-tuned on real digits."""
+    from transformers import pipeline
+
+    out = tmp_path / "quickstart"
+    results = run("classification", ["--config", "recipes/configs/quickstart.yaml", "--output_dir", str(out)])
+    assert results["test"]["accuracy"] >= 0.97, results["test"]
+    assert results["test"]["num_samples"] == 360
+    classifier = pipeline("image-classification", model=str(out))
+    from hftl.bundled import load_bundled_dataset
+
+    test = load_bundled_dataset("hftl/digits")["test"].select(range(20))
+    predictions = classifier([image.convert("RGB") for image in test["image"]])
+    names = test.features["label"].names
+    correct = sum(p[0]["label"] == names[label] for p, label in zip(predictions, test["label"]))
+    assert correct >= 18

@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+
+from hftl.config import parse_config
+
+
+def test_yaml_then_cli_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 5.0e-5\nstrategy: lora\nnum_epochs: 3\nimage_size: 64\n")
+    config = parse_config(["--config", str(path), "--num_epochs", "7", "--lora-r", "4"])
+    assert config.train.learning_rate == pytest.approx(5e-5)
+    assert config.strategy.strategy == "lora"
+    assert config.train.num_epochs == 7  # the flag wins over the file
+    assert config.strategy.lora_r == 4  # dashed spelling works too
+    assert config.data.image_size == 64
+
+
+def test_float_without_dot_is_rejected_with_the_fix(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 5e-5\n")  # PyYAML reads this as a string
+    with pytest.raises(ValueError, match="with a dot"):
+        parse_config(["--config", str(path)])
+
+
+def test_unknown_options_are_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learnin_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learnin_rate"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ValueError, match="--not-an-option"):
+        parse_config(["--not-an-option", "1"])
+
+
+def test_bad_strategy_and_push_without_repo():
+    with pytest.raises(ValueError, match="gradual-unfreeze"):
+        parse_config(["--strategy", "finetune-everything"])
+    with pytest.raises(ValueError, match="hub_model_id"):
+        parse_config(["--push_to_hub"])
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+
+    configs = sorted(Path("recipes/configs").rglob("*.yaml"))
+    assert configs, "recipes/configs holds no configs"
+    for path in configs:
+        text = path.read_text()
+        assert text.startswith("#"), f"{path} needs a header comment with its launch command"
+        if "compare" in path.name:
+            continue  # compare has its own options (tests/test_compare.py)
+        parse_config(["--config", str(path)])
+
+
+def test_help_documents_every_option():
+    out = subprocess.run(
+        [sys.executable, "recipes/classify.py", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for option in ("--dataset", "--strategy", "--lora_r", "--layer_decay", "--resume_from_checkpoint", "--shots"):
+        assert option in out
+    assert "Layer-wise LR decay" in out

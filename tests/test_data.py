@@ -1,0 +1,116 @@
+"""Data loading and validation: every bad input fails early with a message that names the fix."""
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from hftl.config import DataArgs
+from hftl.data import check_images, few_shot, load_dataset_dict, standard_splits, subsample
+from hftl.processing import ensure_rgb
+from hftl.tasks.classification import ClassificationTask
+
+
+def _images(n, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _dataset(labels, label_feature=None):
+    features = Features({"image": ImageFeature(), "label": label_feature or ClassLabel(names=["a", "b", "c"])})
+    return Dataset.from_dict({"image": _images(len(labels)), "label": labels}, features=features)
+
+
+def test_bundled_digits_with_detected_columns():
+    task = ClassificationTask()
+    dsd = load_dataset_dict(DataArgs(dataset="hftl/digits"), task)
+    names = task.label_names(standard_splits(dsd, DataArgs(), seed=0), DataArgs())
+    assert names == [str(i) for i in range(10)]
+    assert (task.image_column, task.label_column) == ("image", "label")
+
+
+def test_validation_split_is_carved_stratified_and_test_falls_back():
+    labels = [0] * 20 + [1] * 20 + [2] * 20
+    dsd = standard_splits(DatasetDict({"train": _dataset(labels)}), DataArgs(validation_fraction=0.25), seed=0)
+    assert len(dsd["validation"]) == 15 and len(dsd["train"]) == 45
+    assert sorted(np.bincount(dsd["validation"]["label"])) == [5, 5, 5]  # stratified
+    assert dsd["test"] is dsd["validation"]
+
+
+def test_missing_split_and_empty_split_errors():
+    with pytest.raises(ValueError, match="--train_split"):
+        standard_splits(DatasetDict({"training": _dataset([0, 1])}), DataArgs(), seed=0)
+    empty = _dataset([]).select([])
+    dsd = DatasetDict({"train": _dataset([0, 1, 2, 0, 1, 2]), "validation": empty})
+    with pytest.raises(ValueError, match="validation split is empty"):
+        standard_splits(dsd, DataArgs(), seed=0)
+
+
+def test_unknown_column_is_named():
+    dsd = DatasetDict({"train": _dataset([0, 1, 2])})
+    with pytest.raises(ValueError, match="'species'.*--label_column"):
+        ClassificationTask().label_names(dsd, DataArgs(label_column="species"))
+
+
+def test_label_column_of_wrong_type_is_rejected():
+    features = Features({"image": ImageFeature(), "label": Value("float32")})
+    ds = Dataset.from_dict({"image": _images(3), "label": [0.5, 1.5, 2.5]}, features=features)
+    with pytest.raises(ValueError, match="must be a ClassLabel, strings or integers"):
+        ClassificationTask().label_names(DatasetDict({"train": ds}), DataArgs())
+
+
+def test_string_labels_become_one_shared_classlabel():
+    features = Features({"image": ImageFeature(), "label": Value("string")})
+    train = Dataset.from_dict({"image": _images(4), "label": ["cat", "dog", "cat", "emu"]}, features=features)
+    test = Dataset.from_dict({"image": _images(2), "label": ["emu", "dog"]}, features=features)
+    task = ClassificationTask()
+    dsd = DatasetDict({"train": train, "test": test})
+    names = task.label_names(dsd, DataArgs())
+    assert names == ["cat", "dog", "emu"]
+    encoded = task.encode_labels(dsd, names)
+    assert encoded["test"]["label"] == [2, 1]  # same ids as train for the same names
+
+
+def test_few_shot_is_seeded_balanced_and_checked():
+    ds = _dataset([0] * 10 + [1] * 10 + [2] * 3)
+    picked = few_shot(ds, "label", 3, seed=1)
+    assert sorted(np.bincount(picked["label"])) == [3, 3, 3]
+    assert few_shot(ds, "label", 3, seed=1)["label"] == picked["label"]
+    with pytest.raises(ValueError, match=r"--shots 5 is more than some classes have.*'c': 3"):
+        few_shot(ds, "label", 5, seed=1)
+    dsd = DatasetDict({"train": ds, "validation": ds, "test": ds})
+    limited = subsample(dsd, DataArgs(max_train_samples=4, max_eval_samples=2), seed=0, label_column="label")
+    assert (len(limited["train"]), len(limited["validation"])) == (4, 2)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), "red").save(good)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b"])})
+    ds = Dataset.from_dict({"image": [str(good), str(bad), str(good)], "label": [0, 1, 0]}, features=features)
+    dsd = DatasetDict({"train": ds})
+    with pytest.raises(ValueError, match=r"row 1 \(.*broken.jpg\).*--on_bad_image skip"):
+        check_images(dsd, "image")
+    assert len(check_images(dsd, "image", on_bad_image="skip")["train"]) == 2
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16"])
+def test_image_modes_become_rgb(mode):
+    image = Image.new("RGB", (6, 4), (10, 200, 30)).convert(mode)
+    out = ensure_rgb(image)
+    assert out.mode == "RGB" and out.size == (6, 4)
+
+
+def test_transparent_pixels_become_white():
+    image = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert ensure_rgb(image).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_missing_dataset_names_the_ways_to_get_one(tmp_path):
+    with pytest.raises(ValueError, match="bundled name.*local folder"):
+        load_dataset_dict(DataArgs(dataset="nobody/no-such-dataset-xyz"), ClassificationTask())
+    with pytest.raises(FileNotFoundError):
+        load_dataset_dict(DataArgs(dataset=str(tmp_path / "missing")), ClassificationTask())

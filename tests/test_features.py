@@ -1,0 +1,105 @@
+"""Linear probe on cached features (hftl/features.py): same result as running the frozen backbone every epoch."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForImageClassification
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from hftl.features import HeadMismatch, extract_head_inputs
+from hftl.runner import run
+
+
+def _probe(data: Path, model: Path, out: Path, cache: bool) -> dict:
+    argv = ["--dataset", str(data), "--model", str(model), "--strategy", "linear-probe", "--augment", "false"]
+    argv += ["--num_epochs", "3", "--batch_size", "8", "--learning_rate", "5.0e-2", "--report_to", "none"]
+    argv += ["--output_dir", str(out), "--cache_features", str(cache).lower(), "--checkpoint_every_epoch", "false"]
+    return run("classification", argv)
+
+
+@pytest.mark.slow
+def test_cached_probe_matches_uncached_and_saves_a_pipeline_model(tmp_path, colour_folder, tiny_vit_dir):
+    cached = _probe(colour_folder, tiny_vit_dir, tmp_path / "cached", cache=True)
+    uncached = _probe(colour_folder, tiny_vit_dir, tmp_path / "uncached", cache=False)
+
+    assert cached["test"]["accuracy"] == pytest.approx(uncached["test"]["accuracy"], abs=1e-6)
+    assert cached["eval"]["loss"] == pytest.approx(uncached["eval"]["loss"], rel=1e-4)
+    original = load_file(tiny_vit_dir / "model.safetensors")
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("cached", "uncached")}
+    for name, tensor in weights["cached"].items():
+        if name.startswith("classifier."):
+            # the head trained the same way on the same inputs, and actually moved
+            torch.testing.assert_close(tensor, weights["uncached"][name], atol=1e-5, rtol=1e-4)
+            assert not torch.equal(tensor, original[name])
+        else:
+            assert torch.equal(tensor, original[name]), f"backbone parameter {name} changed"
+
+    from PIL import Image
+    from transformers import pipeline
+
+    classify = pipeline("image-classification", model=str(tmp_path / "cached"), device="cpu")
+    red = Image.new("RGB", (32, 32), (200, 40, 40))
+    assert classify(red)[0]["label"] in {"red", "blue"}
+
+
+def _random_loader(size: int, batches: int = 2):
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(4, 3, size, size, generator=generator)
+    return [{"pixel_values": pixels, "labels": torch.arange(4) % 2}] * batches
+
+
+NESTED_HEADS = [("tiny_resnet_dir", "classifier.1"), ("tiny_timm_dir", "timm_model.fc")]
+
+
+@pytest.mark.parametrize("fixture, head_name", NESTED_HEADS)
+def test_head_inputs_reproduce_logits_when_the_head_is_nested(request, fixture, head_name):
+    """ResNet's classifier is Sequential(Flatten, Linear) and timm's sits inside timm_model: hook the Linear."""
+    model = AutoModelForImageClassification.from_pretrained(request.getfixturevalue(fixture)).eval()
+    head = model.get_submodule(head_name)
+    loader = _random_loader(32)
+    features, labels = extract_head_inputs(model, head, loader, Accelerator(cpu=True))
+    assert features.shape == (8, head.in_features) and labels.tolist() == [0, 1, 0, 1] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(head(features[:4]), model(pixel_values=loader[0]["pixel_values"]).logits)
+
+
+def test_post_processed_head_output_is_refused():
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.classifier = nn.Flatten(), nn.Linear(12, 2)
+
+        def forward(self, pixel_values):
+            return ImageClassifierOutput(logits=2 * self.classifier(self.body(pixel_values)))
+
+    model = Doubled()
+    with pytest.raises(HeadMismatch):
+        extract_head_inputs(model, model.classifier, _random_loader(2), Accelerator(cpu=True))
+
+
+def test_cached_split_processes_each_row_once_and_returns_the_same_items():
+    from datasets import Dataset
+
+    from hftl.fastdata import CachedSplit, cache_processed
+
+    calls = []
+
+    def transform(batch):
+        calls.append(len(batch["x"]))
+        return {"pixel_values": [torch.full((2,), float(x)) for x in batch["x"]], "labels": batch["x"]}
+
+    plain = Dataset.from_dict({"x": list(range(6))}).with_transform(transform)
+    cached = cache_processed({"validation": plain, "train": plain}, ["validation"])
+    assert cached["train"] is plain and isinstance(cached["validation"], CachedSplit)
+    split = cached["validation"]
+    first = split.__getitems__([0, 1, 2]) + [split[i] for i in range(3, 6)]
+    calls.clear()
+    again = split.__getitems__([0, 1, 2, 3, 4, 5])
+    assert calls == []  # served from memory
+    assert [item["labels"] for item in again] == list(range(6))
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, again))
+    assert cache_processed({"validation": plain}, ["validation"], max_mb=0)["validation"] is plain
