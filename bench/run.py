@@ -7,7 +7,7 @@ Usage:
     python bench/run.py --only vit-small   # cases whose name contains this
 
 Each row runs in its own subprocess (so peak RSS is per case) with the same model folder, data, image size, batch
-size, precision and hardware on both sides. Results go to bench/results/latest.json and bench/results/latest.md.
+size, precision and hardware on both sides. Results go to bench/results/<quick|default>[-<only>].json and .md.
 Columns: train and eval images/s (training time excludes evaluation), peak RSS (on GPU: peak allocated),
 train ΔRSS (peak RSS minus RSS when training starts: what training itself added), time from the start of training
 to the first evaluation at or above the case's target accuracy, and each ratio against the row named in `vs`.
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="Fewer rows and samples (~2 min on 2 CPU cores).")
     parser.add_argument("--compile", action="store_true", help="Add a torch.compile row.")
     parser.add_argument("--only", default=None, help="Run only cases whose name contains this text.")
-    parser.add_argument("--results", default=str(BENCH_DIR / "results"), help="Folder for latest.json / latest.md.")
+    parser.add_argument("--results", default=str(BENCH_DIR / "results"), help="Folder for the .json / .md results.")
     args = parser.parse_args(argv)
 
     out_dir = WORK / "runs"
@@ -218,10 +218,17 @@ def main(argv=None) -> None:
     rows = [r for r in cases(args.quick, args.compile) if not args.only or args.only in r["case"]]
     load = os.getloadavg()[0]
     started = time.perf_counter()
+    done = []
     for index, row in enumerate(rows):
         print(f"[{index + 1}/{len(rows)}] {row['case']}: {row['row']}", flush=True)
         row["result"] = run_row(row, out_dir, index)
-    text = table(rows)
+        done.append(row)
+        header, text = report(done, args, load, started)  # rewritten after each row: a cut-off run keeps its rows
+        save(Path(args.results) / run_name(args), header, text, done)
+    print("\n" + header + "\n\n" + text)
+
+
+def report(rows: list[dict], args, load: float, started: float) -> tuple[str, str]:
     import torch
 
     hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
@@ -229,12 +236,19 @@ def main(argv=None) -> None:
         f"hftl bench ({'quick' if args.quick else 'default'}) on {hardware}, {platform.machine()}, torch "
         f"{torch.__version__}; load average at start {load:.1f}; total {time.perf_counter() - started:.0f}s"
     )
-    print("\n" + header + "\n\n" + text)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
+    return header, table(rows)
+
+
+def run_name(args) -> str:
+    name = "quick" if args.quick else "default"
+    return name + ("-" + "".join(c if c.isalnum() else "-" for c in args.only) if args.only else "")
+
+
+def save(stem: Path, header: str, text: str, rows: list[dict]) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "make"} for r in rows]
-    (results / "latest.json").write_text(json.dumps({"header": header, "rows": slim}, indent=2, default=str))
-    (results / "latest.md").write_text(header + "\n\n" + text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"header": header, "rows": slim}, indent=2, default=str))
+    stem.with_suffix(".md").write_text(header + "\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hftl.config import CONFIG_CLASSES, STRATEGIES, DataArgs, HubArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
 from hftl.config import parse_config as parse_run_config
+from hftl.config import validate as validate_run_config
 from hftl.runner import RESULTS_FILE, run_config
 from hftl.shift import ADAPT_METHODS, CORRUPTIONS
 
@@ -78,6 +79,13 @@ class CompareArgs:
         default=None, metadata={"help": "Extra test sets with the same labels (ids, folders, bundled), comma list."}
     )
     push_report: str | None = field(default=None, metadata={"help": "Upload report/ to this Hub dataset repo."})
+    strategy_options: str | None = field(
+        default=None,
+        metadata={
+            "help": "Per-strategy run options, JSON or a YAML mapping, e.g. "
+            '\'{"linear-probe": {"learning_rate": 0.02, "num_epochs": 30}}\' (a probe wants a higher rate).'
+        },
+    )
 
 
 COMPARE_KEYS = {f.name for f in fields(CompareArgs)}
@@ -194,6 +202,7 @@ def validate(args: CompareArgs) -> None:
     for method in _split(args.adapt):
         if method not in ADAPT_METHODS:
             raise ValueError(f"--adapt: unknown {method!r}; choose from {', '.join(ADAPT_METHODS)}.")
+    strategy_options(args)
     if args.shift_cells not in ("best", "all"):
         raise ValueError("--shift_cells must be 'best' or 'all'.")
 
@@ -215,8 +224,31 @@ def grid(args: CompareArgs) -> list[Cell]:
     ]
 
 
-def cell_config(base: RunConfig, cell: Cell, run_dir: Path) -> RunConfig:
+def strategy_options(args: CompareArgs) -> dict[str, dict]:
+    """{strategy: {run option: value}}, checked against the grid's strategies and the run options."""
+    raw = args.strategy_options
+    if raw is None or raw == "":
+        return {}
+    options = json.loads(raw) if isinstance(raw, str) else raw
+    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ValueError('--strategy_options must map strategy -> {option: value}, e.g. {"full": {"num_epochs": 3}}.')
+    for strategy, values in options.items():
+        if strategy not in (*STRATEGIES, SCRATCH):
+            raise ValueError(f"--strategy_options: unknown strategy {strategy!r}.")
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"--strategy_options[{strategy!r}]: unknown run option(s) {unknown}.")
+    return options
+
+
+def cell_config(base: RunConfig, cell: Cell, run_dir: Path, overrides: dict | None = None) -> RunConfig:
     config = deepcopy(base)
+    for key, value in (overrides or {}).get(cell.strategy, {}).items():
+        group = next(
+            g for g in (config.data, config.model, config.strategy, config.train, config.hub) if hasattr(g, key)
+        )
+        setattr(group, key, value)
     config.model.model = cell.model
     config.model.from_scratch = cell.strategy == SCRATCH
     config.strategy.strategy = "full" if cell.strategy == SCRATCH else cell.strategy
@@ -226,6 +258,7 @@ def cell_config(base: RunConfig, cell: Cell, run_dir: Path) -> RunConfig:
     config.train.overwrite_output_dir = True  # an unfinished cell (no all_results.json) is redone from the start
     config.train.resume_from_checkpoint = None
     config.hub.push_to_hub, config.hub.publish_space = False, None  # cells are experiments; push the winner yourself
+    validate_run_config(config)
     return config
 
 
@@ -244,6 +277,7 @@ def run_grid(args: CompareArgs, base: RunConfig) -> list[Path]:
     """Runs every unfinished cell; returns all cells' run folders."""
     runs = Path(args.report_dir) / "runs"
     cells = grid(args)
+    overrides = strategy_options(args)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     isolate = args.isolate and not distributed
     done = sum(is_finished(runs / cell.name) for cell in cells)
@@ -252,7 +286,7 @@ def run_grid(args: CompareArgs, base: RunConfig) -> list[Path]:
         run_dir = runs / cell.name
         if is_finished(run_dir):
             continue
-        config = cell_config(base, cell, run_dir)
+        config = cell_config(base, cell, run_dir, overrides)
         started = time.perf_counter()
         print(f"[{number}/{len(cells)}] {cell.name} ...", flush=True)
         if isolate:

@@ -192,6 +192,8 @@ def save_model(model, processor, config: RunConfig, out: Path) -> None:
             peft_config.base_model_name_or_path = config.model.model
         model.save_pretrained(out / "adapter")
         processor.save_pretrained(out / "adapter")
+        # PEFT writes no config.json: keep the label names (id2label) the new head was trained with
+        model.get_base_model().config.save_pretrained(out / "adapter")
         if not config.strategy.merge_lora:
             return
         model = model.merge_and_unload()

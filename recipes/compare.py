@@ -1,8 +1,9 @@
-"""Choosing how to transfer: backbones × strategies × label budgets × seeds, then a report with plots.
+r"""Choosing how to transfer: backbones × strategies × label budgets × seeds, then a report with plots.
 
 Usage:
     accelerate launch recipes/compare.py --config recipes/configs/compare-quickstart.yaml     # offline, minutes
-    accelerate launch recipes/compare.py --dataset beans --models google/vit-base-patch16-224-in21k,microsoft/resnet-50 \
+    accelerate launch recipes/compare.py --dataset beans \
+        --models google/vit-base-patch16-224-in21k,microsoft/resnet-50 \
         --strategies linear-probe,lora,full --shots 1,5,10,all --seeds 3 --report_dir outputs/compare-beans \
         --budget_seconds 600 --push_report user/beans-transfer-report
     python recipes/compare.py --help           # compare options, then every per-run option

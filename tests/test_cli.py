@@ -85,11 +85,10 @@ def test_push_then_predict_by_folder_and_by_repo_id(local_hub, tmp_path, tiny_vi
     assert repo_id in capsys.readouterr().out
 
     images = [str(sorted((colour_folder / "test" / name).glob("*.png"))[0]) for name in COLOURS]
-    # the three commands run side by side: each subprocess pays the torch / transformers import
+    # the Hub commands run as subprocesses, side by side (each pays the torch import); the folder one in-process
     offline_env = {k: v for k, v in os.environ.items() if k not in ("HF_ENDPOINT", "HF_TOKEN")}
     offline_env["HF_HOME"] = str(tmp_path / "empty-hf-home")
     processes = {
-        "folder": _hftl("predict", "--model", str(out), *images, "--top-k", "1", background=True),
         "repo": _hftl("predict", "--model", repo_id, *images, "--top-k", "2", background=True),
         "offline": _hftl(
             "predict",
@@ -102,7 +101,10 @@ def test_push_then_predict_by_folder_and_by_repo_id(local_hub, tmp_path, tiny_vi
             background=True,
         ),
     }
+    folder_code = main(["predict", "--model", str(out), *images, "--top-k", "1"])
+    folder_out = capsys.readouterr().out
     results = {name: _finish(process) for name, process in processes.items()}
+    results["folder"] = subprocess.CompletedProcess("predict", folder_code, folder_out, "")
 
     for name in ("folder", "repo"):
         assert results[name].returncode == 0, results[name].stderr

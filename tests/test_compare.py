@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from hftl.compare import compare, grid, model_slug, parse_compare_config
+from hftl.compare import cell_config, compare, grid, model_slug, parse_compare_config, strategy_options
 from hftl.runner import RESULTS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,9 @@ def test_grid_resumes_and_report_matches_the_runs(tiny_vit_dir, tiny_resnet_dir,
     assert "not applicable" in readme
 
 
-def test_budget_picks_the_best_cell_that_fits(tiny_resnet_dir, colour_folder, tmp_path):
+def test_budget_picks_the_best_cell_that_fits_and_report_pushes(
+    tiny_resnet_dir, colour_folder, tmp_path, local_hub, hub_repo_id
+):
     report_dir = tmp_path / "compare"
     argv = _argv(colour_folder, [tiny_resnet_dir], report_dir, "--shots", "4", "--shift", "none")
     compare(argv)
@@ -109,6 +111,13 @@ def test_budget_picks_the_best_cell_that_fits(tiny_resnet_dir, colour_folder, tm
     best = summary["recommendation"]["4"]["best"]
     assert best["strategy"] == "linear-probe" and best["trainable_parameters"] <= int(budget)
     assert summary["recommendation"]["4"]["fits"] == 1
+
+    compare([*argv, "--push_report", hub_repo_id])
+    api = local_hub.api()
+    files = set(api.list_repo_files(hub_repo_id, repo_type="dataset"))
+    assert {"README.md", "leaderboard.csv", "learning_curves.png", "summary.json"} <= files
+    pushed = api.hf_hub_download(hub_repo_id, "leaderboard.csv", repo_type="dataset", local_dir=tmp_path / "dl")
+    assert Path(pushed).read_bytes() == (report_dir / "report" / "leaderboard.csv").read_bytes()
 
 
 @pytest.mark.slow  # a child process re-imports torch + transformers
@@ -164,6 +173,17 @@ def test_options_are_checked_before_any_run(tmp_path):
     cells = grid(args)
     assert len(cells) == 2 * 2 * 2 * 2  # lora + scratch baseline
     assert {c.shots for c in cells} == {None, 3} and base.train.learning_rate == 0.01
+
+    options = '{"lora": {"learning_rate": 0.5, "lora_r": 2}}'
+    args, base = parse_compare_config(
+        ["--strategies", "lora", "--shots", "1", "--seeds", "1", "--strategy_options", options]
+    )
+    lora, scratch = (cell_config(base, c, tmp_path / c.name, strategy_options(args)) for c in grid(args))
+    assert (lora.train.learning_rate, lora.strategy.lora_r, lora.data.shots) == (0.5, 2, 1)
+    assert scratch.train.learning_rate == base.train.learning_rate and scratch.model.from_scratch
+    assert scratch.strategy.strategy == "full" and not lora.model.from_scratch
+    with pytest.raises(ValueError, match="unknown run option"):
+        parse_compare_config(["--strategy_options", '{"full": {"lr": 1}}'])
 
 
 def test_quickstart_config_parses():

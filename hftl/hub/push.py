@@ -219,8 +219,7 @@ def check_token(api) -> str | None:
             if api.endpoint.rstrip("/") != constants._HF_DEFAULT_ENDPOINT:
                 return None  # a local endpoint may run without tokens; it answers 401 itself if it needs one
             raise PushError(
-                f"No Hub token: set HF_TOKEN or run `hf auth login` (endpoint {api.endpoint}). "
-                "Nothing was uploaded."
+                f"No Hub token: set HF_TOKEN or run `hf auth login` (endpoint {api.endpoint}). Nothing was uploaded."
             ) from error
         raise
 
