@@ -110,7 +110,7 @@ def cases(quick: bool, compile_row: bool) -> list[dict]:
         rows.append({"case": case, "row": row, "vs": vs, "make": make})
 
     q = "quickstart effnet-lite0 digits 64px"
-    common = (effnet, "hftl/digits", epochs, 32, 2e-3, 0.5)
+    common = (effnet, "hftl/digits", epochs, 32, 2e-3, 0.3)
     add(q, "baseline Trainer", None, lambda o: baseline_cmd(o, effnet, "digits", *common[2:], extra=base_common))
     add(q, "hftl", "baseline Trainer", lambda o: hftl_cmd(o, *common, extra=quick_common))
     if not quick:

@@ -1,5 +1,6 @@
 """The `hftl` command: train, predict, push, local Hub, demo Spaces.
 
+    hftl quickstart                       # offline: local Hub + bundled data/weights → train → push → pull → predict
     hftl train classification --config recipes/configs/classification/quickstart.yaml [--option value ...]
     hftl predict --model user/my-model cat.jpg dog.jpg [--top-k 5]
     hftl push outputs/run user/my-model [--private] [--revision BRANCH]
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run(argv[1], rest)
         return 0
+    if argv[:1] == ["quickstart"]:
+        return _quickstart(argv[1:])
     if argv[:2] == ["hub", "serve"]:
         from hftl.hub.server import main as serve_main
 
@@ -128,6 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as error:
         print(f"hftl {args.command}: error: {error}", file=sys.stderr)
         return 1
+
+
+def _quickstart(argv: list[str]) -> int:
+    """`hftl quickstart [--port P] [--data-dir DIR] [training options]`."""
+    parser = argparse.ArgumentParser(prog="hftl quickstart", description=_quickstart.__doc__)
+    parser.add_argument("--port", type=int, default=8765, help="port of the local Hub on 127.0.0.1")
+    parser.add_argument("--data-dir", default=None, help="local Hub storage (default ~/.cache/hftl/hub)")
+    args, train_argv = parser.parse_known_args(argv)
+    _set_endpoint(f"http://127.0.0.1:{args.port}")
+    from hftl.quickstart import default_data_dir, quickstart
+
+    quickstart(args.port, args.data_dir or default_data_dir(), train_argv)
+    return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -73,7 +73,11 @@ class CompareArgs:
         default="adabn,tent", metadata={"help": f"Label-free adaptation under shift: {', '.join(ADAPT_METHODS)}."}
     )
     shift_cells: str = field(
-        default="best", metadata={"help": "Shift-evaluate 'best' (the recommendation) or 'all' model×strategy pairs."}
+        default="best",
+        metadata={
+            "help": "Shift-evaluate 'best' (the recommendation), 'all' model×strategy pairs at the largest label "
+            "budget, or the best cell of each listed strategy plus the recommendation (e.g. full,scratch)."
+        },
     )
     eval_datasets: str | None = field(
         default=None, metadata={"help": "Extra test sets with the same labels (ids, folders, bundled), comma list."}
@@ -203,8 +207,8 @@ def validate(args: CompareArgs) -> None:
         if method not in ADAPT_METHODS:
             raise ValueError(f"--adapt: unknown {method!r}; choose from {', '.join(ADAPT_METHODS)}.")
     strategy_options(args)
-    if args.shift_cells not in ("best", "all"):
-        raise ValueError("--shift_cells must be 'best' or 'all'.")
+    if args.shift_cells not in ("best", "all") and not set(_split(args.shift_cells)) <= {*STRATEGIES, SCRATCH}:
+        raise ValueError("--shift_cells must be 'best', 'all', or a comma list of strategies (e.g. full,lora).")
 
 
 def shift_corruptions(args: CompareArgs) -> list[str]:

@@ -58,6 +58,10 @@ def load_model_and_processor(auto_model_class, model_args, id2label: dict, **mod
         **common,
         **model_kwargs,
     )
+    if hasattr(model.config, "label_names"):
+        # TimmWrapperConfig saves `label_names` (not id2label) and keeps the checkpoint's: write the new ones
+        model.config.label_names = [id2label[i] for i in range(len(id2label))]
+        model.config.num_classes = len(id2label)
     processor = AutoImageProcessor.from_pretrained(path, **common)
     return model, processor
 

@@ -207,3 +207,15 @@ def test_quickstart_reaches_97_percent_on_digits(tmp_path):
     names = test.features["label"].names
     correct = sum(p[0]["label"] == names[label] for p, label in zip(predictions, test["label"]))
     assert correct >= 18
+
+
+def test_timm_checkpoint_gets_the_new_label_names(effnet_dir, tmp_path):
+    """TimmWrapperConfig saves `label_names`, not id2label: a fresh head must not keep ImageNet's 1000 names."""
+    from transformers import AutoConfig
+
+    from hftl.config import ModelArgs
+    from hftl.tasks.classification import ClassificationTask
+
+    model, _ = ClassificationTask().load_model(ModelArgs(model=str(effnet_dir)), {0: "cat", 1: "dog", 2: "emu"})
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).id2label == {0: "cat", 1: "dog", 2: "emu"}

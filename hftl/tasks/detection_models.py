@@ -44,7 +44,7 @@ def backbone_config(architecture: str) -> dict:
     }
 
 
-def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int | None, size: dict | None = None):
+def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int | None):
     """(ConditionalDetrForObjectDetection with the timm model's weights in its backbone, its image processor)."""
     from transformers import (
         ConditionalDetrConfig,
@@ -59,7 +59,7 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         num_labels=len(id2label),
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
-        **(size or DETECTOR_SIZE),
+        **DETECTOR_SIZE,
     )
     model = ConditionalDetrForObjectDetection(config)
     classifier = TimmWrapperForImageClassification.from_pretrained(path)

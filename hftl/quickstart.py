@@ -1,0 +1,51 @@
+"""`hftl quickstart`: the whole loop offline, on the embedded defaults.
+
+Starts the local Hub endpoint in this process, seeds it with the bundled model and datasets, fine-tunes the
+bundled ImageNet EfficientNet-Lite0 on the bundled digits (recipes/configs/quickstart.yaml), pushes the result
+to the local Hub, pulls it back by repo id and predicts a few held-out digits. The caller (hftl.cli) has pointed
+HF_ENDPOINT at the local port before huggingface_hub was imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "quickstart.yaml"
+REPO_ID = "hftl/digits-efficientnet-lite0"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("HFTL_CACHE", Path.home() / ".cache" / "hftl")) / "hub"
+
+
+def quickstart(port: int, data_dir: str | Path, train_argv: list[str]) -> dict:
+    from hftl.hub.seed import seed_hub
+    from hftl.hub.server import start_in_thread
+    from hftl.predict import format_predictions, predict
+    from hftl.runner import run
+
+    hub = start_in_thread(data_dir, port=port)
+    print(f"local Hub: {hub.url} (data in {data_dir})")
+    seed_hub()
+    argv = ["--config", str(QUICKSTART_CONFIG), "--push_to_hub", "--hub_model_id", REPO_ID, *train_argv]
+    results = run("classification", argv)
+
+    from hftl.bundled import load_bundled_dataset
+
+    test = load_bundled_dataset("hftl/digits")["test"].select(range(5))
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i, (image, label) in enumerate(zip(test["image"], test["label"])):
+            paths.append(str(Path(folder) / f"digit-{i}-true-{label}.png"))
+            image.resize((64, 64)).save(paths[-1])
+        print(f"pulled {REPO_ID} back from {hub.url} and predicted:")
+        print(format_predictions([Path(p).name for p in paths], predict(REPO_ID, paths, top_k=1)))
+    print(
+        f"test accuracy {results['test']['accuracy']:.4f}. Keep serving with:\n"
+        f"  hftl hub serve --data-dir {data_dir} --port {port} &\n"
+        f"  hftl predict --endpoint http://127.0.0.1:{port} --model {REPO_ID} IMAGE"
+    )
+    hub.stop()
+    return results
