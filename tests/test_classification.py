@@ -191,17 +191,33 @@ def test_two_ranks_gather_every_test_image_once(tiny_vit_dir, colour_folder, tmp
 
 
 @pytest.mark.slow
-def test_quickstart_reaches_97_percent_on_digits(tmp_path):
-    """The README's offline quickstart, end to end: bundled ImageNet weights fine-tuned on real digits."""
+def test_quickstart_reaches_97_percent_on_digits_and_round_trips_the_local_hub(tmp_path):
+    """The README's second command, end to end: local Hub, bundled ImageNet weights fine-tuned on real digits,
+    pushed, pulled back by repo id, predicted."""
+    import socket
+
     from transformers import pipeline
 
-    out = tmp_path / "quickstart"
-    results = run("classification", ["--config", "recipes/configs/quickstart.yaml", "--output_dir", str(out)])
-    assert results["test"]["accuracy"] >= 0.97, results["test"]
-    assert results["test"]["num_samples"] == 360
-    classifier = pipeline("image-classification", model=str(out))
     from hftl.bundled import load_bundled_dataset
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "quickstart"
+    env = {**os.environ, "HFTL_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_ENDPOINT")  # the command points the client at its own local Hub
+    cmd = [sys.executable, "-m", "hftl.cli", "quickstart", "--port", str(port), "--data-dir", str(tmp_path / "hub")]
+    proc = subprocess.run([*cmd, "--output_dir", str(out), "--report_to", "none"], env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["test"]["accuracy"] >= 0.97, results["test"]
+    assert results["test"]["num_samples"] == 360
+    assert "pulled hftl/digits-efficientnet-lite0 back" in proc.stdout
+    predicted = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and "\t" in line]
+    assert len(predicted) == 5 and set(predicted) <= {str(i) for i in range(10)}, proc.stdout[-2000:]
+
+    classifier = pipeline("image-classification", model=str(out))
     test = load_bundled_dataset("hftl/digits")["test"].select(range(20))
     predictions = classifier([image.convert("RGB") for image in test["image"]])
     names = test.features["label"].names
