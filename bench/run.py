@@ -5,6 +5,7 @@ Usage:
     python bench/run.py --quick    # fewer rows, fewer samples (~2 min)
     python bench/run.py --compile  # also a torch.compile row (slow to compile on CPU)
     python bench/run.py --only vit-small   # cases whose name contains this
+    python bench/run.py --threads 1        # on a busy shared machine: 2 OpenMP threads per process thrash there
 
 Each row runs in its own subprocess (so peak RSS is per case) with the same model folder, data, image size, batch
 size, precision and hardware on both sides. Results go to bench/results/<quick|default>[-<only>].json and .md.
@@ -210,9 +211,14 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="Fewer rows and samples (~2 min on 2 CPU cores).")
     parser.add_argument("--compile", action="store_true", help="Add a torch.compile row.")
     parser.add_argument("--only", default=None, help="Run only cases whose name contains this text.")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS for every row (1 on a shared, busy machine)."
+    )
     parser.add_argument("--results", default=str(BENCH_DIR / "results"), help="Folder for the .json / .md results.")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every row's subprocess
     out_dir = WORK / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for r in cases(args.quick, args.compile) if not args.only or args.only in r["case"]]

@@ -143,7 +143,12 @@ class TrainArgs:
     channels_last: bool = field(default=False, metadata={"help": "Use channels_last memory format (CNNs)."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
     cache_features: bool = field(
-        default=True, metadata={"help": "linear-probe: compute frozen-backbone features once and train the head."}
+        default=True,
+        metadata={
+            "help": "linear-probe: run the frozen model once over train/validation with the evaluation transforms "
+            "(so no augmentation) and train only the head on the cached features; falls back to the normal path "
+            "when the head's output is post-processed."
+        },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty folder."})
 

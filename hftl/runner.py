@@ -51,7 +51,9 @@ def _make_accelerator(config: RunConfig):
 
 def _check_output_dir(config: RunConfig) -> None:
     out = Path(config.train.output_dir)
-    if (out / "config.json").exists() and not (config.train.overwrite_output_dir or config.train.resume_from_checkpoint):
+    if (out / "config.json").exists() and not (
+        config.train.overwrite_output_dir or config.train.resume_from_checkpoint
+    ):
         raise FileExistsError(
             f"{out} already holds a model. Pass --overwrite_output_dir, --resume_from_checkpoint latest, "
             "or another --output_dir."
@@ -205,8 +207,13 @@ def publish(config: RunConfig, results: dict) -> None:
     if config.hub.push_to_hub:
         from hftl.hub.push import push_run
 
-        url = push_run(config.train.output_dir, config.hub.hub_model_id, private=config.hub.hub_private,
-                       revision=config.hub.hub_revision, license=config.hub.license)
+        url = push_run(
+            config.train.output_dir,
+            config.hub.hub_model_id,
+            private=config.hub.hub_private,
+            revision=config.hub.hub_revision,
+            license=config.hub.license,
+        )
         print(f"pushed: {url}")
     if config.hub.publish_space:
         from hftl.spaces import publish_space

@@ -190,11 +190,22 @@ def test_big_file_through_classic_lfs_in_subprocess(lfs_hub, tmp_path):
 
 
 def test_xet_client_gets_actionable_501(lfs_hub):
-    """A client with Xet enabled (this process) cannot upload "lfs" files here; the error says what to do."""
+    """A client with Xet enabled (the default; tests/conftest.py turns it off in this process, so a subprocess)
+    cannot upload "lfs" files here; the repo is untouched and the server's error says what to do."""
+    HfApi(endpoint=lfs_hub.url, token=lfs_hub.token).create_repo("hftl/xet-client")
+    script = (
+        "from huggingface_hub import HfApi\n"
+        "try:\n"
+        "    HfApi().upload_file(path_or_fileobj=b'weights', path_in_repo='w.bin', repo_id='hftl/xet-client')\n"
+        "    print('UPLOADED')\n"
+        "except Exception as error:\n"
+        "    print('FAILED', type(error).__name__, error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
+    env.update(HF_ENDPOINT=lfs_hub.url, HF_TOKEN=lfs_hub.token)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("FAILED") and "501" in out and "xet-write-token" in out, out
     api = HfApi(endpoint=lfs_hub.url, token=lfs_hub.token)
-    api.create_repo("hftl/xet-client")
-    with pytest.raises(ConnectionError, match="501 Not Implemented.*xet-write-token"):  # raised inside hf_xet
-        api.upload_file(path_or_fileobj=b"weights", path_in_repo="w.bin", repo_id="hftl/xet-client")
     assert api.list_repo_files("hftl/xet-client") == [".gitattributes"]
     answer = httpx.get(f"{lfs_hub.url}/api/models/hftl/xet-client/xet-write-token/main", headers=_auth(lfs_hub.token))
     assert answer.status_code == 501 and "HF_HUB_DISABLE_XET=1" in answer.json()["error"]
