@@ -101,8 +101,9 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     main_metric = config.train.metric_for_best or task.main_metric
     greater = not main_metric.endswith("loss") and getattr(task, "greater_is_better", True)
     # --- fast paths (hftl/fastdata.py, hftl/features.py) ---
-    if task.name == "classification":  # its eval transforms are deterministic: process each image once
-        prepared = cache_processed(prepared, ["validation"] + ([] if config.data.augment else ["train"]))
+    # splits whose transforms are deterministic are processed once and kept (tasks that say so)
+    if hasattr(task, "deterministic_splits"):
+        prepared = cache_processed(prepared, task.deterministic_splits(config.data))
     train_adapted, train_ds, eval_ds, collate = adapted, prepared["train"], prepared["validation"], task.collate
     if config.strategy.strategy == "linear-probe" and config.train.cache_features:
         probe = features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)

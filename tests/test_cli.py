@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.data import COLOURS
+from tests.test_hub_push import TRAIN_ARGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,27 +60,8 @@ def test_push_then_predict_by_folder_and_by_repo_id(local_hub, tmp_path, tiny_vi
     from hftl.runner import run
 
     out = tmp_path / "run"
-    run(
-        "classification",
-        [
-            "--dataset",
-            str(colour_folder),
-            "--model",
-            str(tiny_vit_dir),
-            "--output_dir",
-            str(out),
-            "--num_epochs",
-            "1",
-            "--max_train_samples",
-            "16",
-            "--max_eval_samples",
-            "8",
-            "--batch_size",
-            "16",
-            "--report_to",
-            "none",
-        ],
-    )
+    run("classification", ["--dataset", str(colour_folder), "--model", str(tiny_vit_dir), "--output_dir", str(out),
+                           *TRAIN_ARGS])  # fmt: skip
     repo_id = local_hub.repo_id("cli-push")
     assert main(["push", str(out), repo_id]) == 0
     assert repo_id in capsys.readouterr().out

@@ -143,6 +143,11 @@ class ClassificationTask:
         )
 
     @staticmethod
+    def deterministic_splits(data_args) -> list[str]:
+        """Splits whose preprocessing has no randomness: the runner caches their tensors after the first pass."""
+        return ["validation"] + ([] if data_args.augment else ["train"])
+
+    @staticmethod
     def collate(examples: list[dict]) -> dict:
         return {
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
