@@ -103,8 +103,9 @@ def apply_strategy(model: nn.Module, task, args: StrategyArgs, learning_rate: fl
         _freeze_all_but(model, keep)
         lr_of = {n: learning_rate * (args.head_lr_scale if n in head else 1.0) for n in keep}
     elif strategy in ("full", "gradual-unfreeze"):
-        _freeze_all_but(model, {n for n, _ in model.named_parameters()})
-        body = [n for n, _ in model.named_parameters() if n not in head]
+        # parameters the model freezes itself (DETR's ResNet stem and first stage) stay frozen
+        _freeze_all_but(model, {n for n, p in model.named_parameters() if p.requires_grad} | head)
+        body = [n for n, p in model.named_parameters() if n not in head and p.requires_grad]
         depth = depth_levels(body)
         top = max(depth.values(), default=0)
         decay = args.layer_decay if args.layer_decay is not None else (0.7 if strategy == "gradual-unfreeze" else 1.0)
