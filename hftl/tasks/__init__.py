@@ -17,6 +17,9 @@ The shared trainer (`hftl.trainer`) talks to a task through this contract and no
     task.lora_targets(model) -> list of module-name suffixes for PEFT LoRA by model family
     task.new_evaluator(id2label) -> Evaluator
 
+    optional: task.encode_labels(dataset_dict, names) (labels → one shared ClassLabel),
+              task.deterministic_splits(data_args) (splits whose processed tensors the runner may cache)
+
     Evaluator.update(accelerator, batch, outputs)   gathers across ranks itself (accelerator.gather_for_metrics)
     Evaluator.compute() -> dict[str, float]
     Evaluator.save_artifacts(output_dir, prefix)    confusion matrix / sample predictions PNG + JSON

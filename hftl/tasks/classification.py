@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
 from hftl.models import last_linear_named, peft_base
-from hftl.processing import ensure_rgb, load_model_and_processor, processor_mean_std, resize_processor
+from hftl.processing import (
+    ensure_rgb,
+    load_model_and_processor,
+    processor_input_size,
+    processor_mean_std,
+    resize_processor,
+)
 
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label", "coarse_label")
@@ -116,7 +122,7 @@ class ClassificationTask:
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
         from torchvision.transforms import v2
 
-        size = _processor_size(processor)
+        size = processor_input_size(processor)
         mean, std = processor_mean_std(processor)
         steps = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
         if data_args.hflip:
@@ -235,12 +241,6 @@ def _detect(features, is_kind, names, what: str, option: str) -> str:
     if named:
         return named[0]
     raise ValueError(f"Could not find the {what} column among {list(features)}; name it with {option}.")
-
-
-def _processor_size(processor) -> int:
-    from hftl.processing import processor_input_size
-
-    return processor_input_size(processor)
 
 
 TASK = ClassificationTask
