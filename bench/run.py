@@ -90,15 +90,14 @@ def baseline_cmd(out, model, data, epochs, batch, lr, target, extra=()):
 
 def cases(quick: bool, compile_row: bool) -> list[dict]:
     """(case, row, vs, command); `vs` names the row a ratio is taken against."""
-    epochs = 1 if quick else 2
+    epochs = 1 if quick else 3
     effnet = write_effnet_folder(WORK / "models" / "effnet-64", 64)
-    n_train, n_eval = (128, 64) if quick else (256, 128)
-    digits_limits_hftl = ["--max_train_samples", str(n_train), "--max_eval_samples", str(n_eval)]
-    digits_limits_base = digits_limits_hftl
+    # default: all 1257 training digits, so each row trains long enough (~120 steps) for a steady figure
+    digits_limits = ["--max_train_samples", "128", "--max_eval_samples", "64"] if quick else []
     quick_common = ["--image_size", "64", "--hflip", "false", "--crop_scale_min", "0.7", "--label_smoothing", "0.1"]
-    quick_common += ["--weight_decay", "0.01", *digits_limits_hftl]
-    base_common = ["--label_smoothing", "0.1", *digits_limits_base]
-    per_class = {"train": 32, "validation": 16, "test": 16} if quick else {"train": 64, "validation": 32, "test": 32}
+    quick_common += ["--weight_decay", "0.01", *digits_limits]
+    base_common = ["--label_smoothing", "0.1", *digits_limits]
+    per_class = {"train": 32, "validation": 16, "test": 16} if quick else {"train": 128, "validation": 32, "test": 32}
     synthetic = str(write_synthetic_folder(WORK / "data" / f"synthetic-64-{per_class['train']}", 64, per_class))
     tiny = write_vit_folder(WORK / "models" / "vit-tiny", "vit-tiny", 64, 4)
     small = write_vit_folder(WORK / "models" / "vit-small", "vit-small", 64, 4)
@@ -111,13 +110,13 @@ def cases(quick: bool, compile_row: bool) -> list[dict]:
         rows.append({"case": case, "row": row, "vs": vs, "make": make})
 
     q = "quickstart effnet-lite0 digits 64px"
-    common = (effnet, "hftl/digits", epochs, 32, 2e-3, 0.3)
+    common = (effnet, "hftl/digits", epochs, 32, 2e-3, 0.3 if quick else 0.9)
     add(q, "baseline Trainer", None, lambda o: baseline_cmd(o, effnet, "digits", *common[2:], extra=base_common))
     add(q, "hftl", "baseline Trainer", lambda o: hftl_cmd(o, *common, extra=quick_common))
     if not quick:
+        cl_off = [*quick_common, "--channels_last", "false"]
+        add(q, "hftl channels_last off", "hftl", lambda o: hftl_cmd(o, *common, cl_off))
         add(q, "hftl eval-cache off", "hftl", lambda o: hftl_cmd(o, *common, quick_common, ["--no_eval_cache"]))
-        cl = [*quick_common, "--channels_last", "true"]
-        add(q, "hftl channels_last", "hftl", lambda o: hftl_cmd(o, *common, cl))
         add(q, "hftl num_workers 1", "hftl", lambda o: hftl_cmd(o, *common, [*quick_common, "--num_workers", "1"]))
         bf16 = ["--mixed_precision", "bf16"]
         base_bf16 = [*base_common, "--bf16"]
@@ -141,6 +140,9 @@ def cases(quick: bool, compile_row: bool) -> list[dict]:
     lp_off = [*lp, "--cache_features", "false"]
     add(s, "hftl linear-probe uncached", "hftl full", lambda o: hftl_cmd(o, *small_args, lp_off))
     add(s, "hftl linear-probe cached", "hftl linear-probe uncached", lambda o: hftl_cmd(o, *small_args, lp))
+    if compile_row:
+        compiled = [*vit_common, "--compile", "true"]
+        add(s, "hftl full compile", "hftl full", lambda o: hftl_cmd(o, *small_args, extra=compiled))
     return rows
 
 

@@ -89,11 +89,13 @@ def extract_head_inputs(model: nn.Module, head: nn.Module, loader, accelerator) 
 def cached_linear_probe(task, adapted: Adapted, dsd, processor, config, accelerator):
     """(Adapted for a HeadOnly module, train features, validation features, collate), or None where caching does
     not apply (then the caller trains the usual way)."""
-    from hftl.trainer import make_loader
+    from hftl.trainer import make_loader, wants_channels_last
 
     if task.name not in SUPPORTED_TASKS:
         return None
     model = adapted.model.to(accelerator.device)
+    if wants_channels_last(model, config.train.channels_last):
+        model = model.to(memory_format=torch.channels_last)
     head = model.get_submodule(task.head_modules(model)[0])
     # evaluation transforms for every split: with augmentation off, train uses the image processor too
     plain = task.prepare(dsd, processor, replace(config.data, augment=False))

@@ -148,6 +148,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             "epochs": result.state.epoch,
             "steps": result.state.step,
             "best_epoch": result.state.best_epoch,
+            "channels_last": result.channels_last,
         },
         "eval": {k.removeprefix("eval_"): v for k, v in result.best_metrics.items() if k.startswith("eval_")},
         "test": test_metrics,
@@ -189,6 +190,7 @@ def random_init(model, seed: int):
 
 def save_model(model, processor, config: RunConfig, out: Path) -> None:
     """A standard Hugging Face folder; LoRA runs also keep the adapter (in `adapter/`), merged by option."""
+    model.to(memory_format=torch.contiguous_format)  # trained in channels_last or not, saved in the standard layout
     if hasattr(model, "peft_config"):
         for peft_config in model.peft_config.values():
             # record the id the user named, not the local cache path it resolved to

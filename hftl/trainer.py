@@ -47,6 +47,7 @@ class TrainResult:
     best_metrics: dict
     train_seconds: float
     train_samples_per_second: float
+    channels_last: bool = False
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -73,8 +74,22 @@ class SeededItems(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
-def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
+def default_num_workers(gpu: bool | None = None, cores: int | None = None, local_processes: int | None = None) -> int:
+    """DataLoader workers when none are set. CPU-only: none, since the model's own threads already use every core
+    (a worker measured 1.02x train and 0.64x eval speed on 2 cores, bench/). With a GPU: the cores each local
+    process has, less the one that drives the GPU, at most 8, so decoding and augmentation keep up."""
+    if not (torch.cuda.is_available() if gpu is None else gpu):
+        return 0
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    return max(0, min(8, cores // local_processes - 1))
+
+
+def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, num_workers: int | None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
+    num_workers = default_num_workers() if num_workers is None else num_workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -143,7 +158,9 @@ def train(
 ) -> TrainResult:
     set_seed(args.seed)
     model = adapted.model
-    if args.channels_last:
+    channels_last = wants_channels_last(model, args.channels_last)
+    if channels_last:
+        accelerator.print("channels_last memory format: on")
         model = model.to(memory_format=torch.channels_last)
     eval_bs = args.eval_batch_size or 2 * args.batch_size
     train_items = SeededItems(train_dataset, args.seed)
@@ -258,7 +275,7 @@ def train(
     if best_state is not None:
         unwrapped.load_state_dict(best_state, strict=False)
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
-    return TrainResult(state, best, seconds, samples_seen / max(seconds, 1e-9))
+    return TrainResult(state, best, seconds, samples_seen / max(seconds, 1e-9), channels_last)
 
 
 @torch.no_grad()
@@ -277,6 +294,22 @@ def evaluate(task, model, loader, accelerator: Accelerator, id2label: dict):
     if losses:
         metrics["loss"] = torch.cat(losses).mean().item()
     return metrics, evaluator
+
+
+def wants_channels_last(model: torch.nn.Module, setting: bool | None) -> bool:
+    """`setting` when given; by default on for convolutional models, i.e. when Conv2d weights hold at least half of
+    the parameters (CNNs, UperNet; not ViTs, whose only convolution is the patch embedding). Measured in bench/ on
+    CPU: EfficientNet-Lite0 training 1.6x faster at 64 px, ResNets 1.4-1.5x at 128 px (0.84x for a ResNet-18 at
+    64 px); on GPUs channels_last is what cuDNN's tensor-core kernels prefer."""
+    if setting is not None:
+        return setting
+    total = conv = 0
+    for module in model.modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        total += own
+        if isinstance(module, torch.nn.Conv2d):
+            conv += own
+    return total > 0 and conv >= total / 2
 
 
 def _make_optimizer(adapted: Adapted, args: TrainArgs) -> torch.optim.Optimizer:

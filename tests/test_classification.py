@@ -235,3 +235,26 @@ def test_timm_checkpoint_gets_the_new_label_names(effnet_dir, tmp_path):
     model, _ = ClassificationTask().load_model(ModelArgs(model=str(effnet_dir)), {0: "cat", 1: "dog", 2: "emu"})
     model.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).id2label == {0: "cat", 1: "dog", 2: "emu"}
+
+
+def test_channels_last_is_on_for_convnets_and_changes_only_the_memory_layout(
+    tiny_resnet_dir, tiny_vit_dir, colour_folder, tmp_path
+):
+    from transformers import AutoModelForImageClassification
+
+    from hftl.trainer import wants_channels_last
+
+    resnet = AutoModelForImageClassification.from_pretrained(tiny_resnet_dir)
+    vit = AutoModelForImageClassification.from_pretrained(tiny_vit_dir)
+    assert wants_channels_last(resnet, None) and not wants_channels_last(vit, None)
+    assert not wants_channels_last(resnet, False) and wants_channels_last(vit, True)
+
+    on = run("classification", _argv(colour_folder, tiny_resnet_dir, tmp_path / "on", "--num_epochs", "2"))
+    off_argv = _argv(colour_folder, tiny_resnet_dir, tmp_path / "off", "--num_epochs", "2", "--channels_last", "false")
+    off = run("classification", off_argv)
+    assert on["train"]["channels_last"] and not off["train"]["channels_last"]
+    # the same run up to float rounding: kernels differ, the arithmetic does not
+    weights_on, weights_off = _weights(tmp_path / "on"), _weights(tmp_path / "off")
+    assert weights_on.keys() == weights_off.keys()
+    assert all(torch.allclose(weights_on[k], weights_off[k], atol=1e-4) for k in weights_on)
+    assert on["test"]["loss"] == pytest.approx(off["test"]["loss"], abs=1e-4)

@@ -60,3 +60,12 @@ def test_help_documents_every_option():
     for option in ("--dataset", "--strategy", "--lora_r", "--layer_decay", "--resume_from_checkpoint", "--shots"):
         assert option in out
     assert "Layer-wise LR decay" in out
+
+
+def test_default_dataloader_workers_follow_the_hardware():
+    from hftl.trainer import default_num_workers
+
+    assert default_num_workers(gpu=False, cores=64) == 0  # CPU training: the model's threads use every core
+    assert default_num_workers(gpu=True, cores=16, local_processes=2) == 7
+    assert default_num_workers(gpu=True, cores=96, local_processes=1) == 8
+    assert default_num_workers(gpu=True, cores=1, local_processes=1) == 0
