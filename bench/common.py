@@ -26,7 +26,10 @@ VIT_SIZES = {
     # name: (hidden, layers, heads, intermediate, patch)
     "vit-tiny": (64, 4, 4, 128, 8),
     "vit-small": (384, 6, 6, 1536, 16),
+    "vit-base": (768, 12, 12, 3072, 16),  # ViT-B/16's shape
 }
+# dense bf16 tensor-core peaks (FLOP/s) by a piece of torch.cuda.get_device_name(); first match wins
+BF16_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12))
 
 
 def peak_rss_mb() -> float:
@@ -90,6 +93,23 @@ def write_vit_folder(folder: Path, size_name: str, image_size: int, num_labels: 
     ViTForImageClassification(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
+
+
+def train_flops_per_image(model_folder: Path, image_size: int) -> float:
+    """FLOPs of one forward and backward pass per image, counted by torch's FlopCounterMode on the CPU."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(model_folder, attn_implementation="eager")
+    pixels, labels = torch.randn(2, 3, image_size, image_size), torch.zeros(2, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model(pixel_values=pixels, labels=labels).loss.backward()
+    return counter.get_total_flops() / 2
+
+
+def bf16_peak_flops(device_name: str) -> float | None:
+    return next((peak for key, peak in BF16_PEAK_FLOPS if key in device_name), None)
 
 
 def write_effnet_folder(folder: Path, image_size: int) -> Path:

@@ -27,7 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, WORK, write_effnet_folder, write_synthetic_folder, write_vit_folder  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_DIR,
+    WORK,
+    bf16_peak_flops,
+    train_flops_per_image,
+    write_effnet_folder,
+    write_synthetic_folder,
+    write_vit_folder,
+)
 
 PYTHON = sys.executable
 
@@ -88,7 +96,7 @@ def baseline_cmd(out, model, data, epochs, batch, lr, target, extra=()):
     ]
 
 
-def cases(quick: bool, compile_row: bool) -> list[dict]:
+def cases(quick: bool, compile_row: bool, gpu_case: bool = False) -> list[dict]:
     """(case, row, vs, command); `vs` names the row a ratio is taken against."""
     epochs = 1 if quick else 3
     effnet = write_effnet_folder(WORK / "models" / "effnet-64", 64)
@@ -143,7 +151,21 @@ def cases(quick: bool, compile_row: bool) -> list[dict]:
     if compile_row:
         compiled = [*vit_common, "--compile", "true"]
         add(s, "hftl full compile", "hftl full", lambda o: hftl_cmd(o, *small_args, extra=compiled))
+
+    if gpu_case:  # ViT-B/16 at 224 px in bf16: the GPU case (MFU in the table)
+        g = GPU_CASE
+        base = write_vit_folder(WORK / "models" / "vit-base", "vit-base", 224, 4)
+        count = {"train": 64 if quick else 512, "validation": 64, "test": 16}
+        data = str(write_synthetic_folder(WORK / "data" / f"synthetic-224-{count['train']}", 224, count))
+        base_args = (base, data, 2 if quick else 3, 64, 5e-4, 0.9)
+        bf16 = ["--image_size", "224", "--hflip", "false", "--weight_decay", "0.01", "--mixed_precision", "bf16"]
+        base_bf16 = ["--weight_decay", "0.01", "--bf16"]
+        add(g, "baseline Trainer bf16", None, lambda o: baseline_cmd(o, base, data, *base_args[2:], extra=base_bf16))
+        add(g, "hftl bf16", "baseline Trainer bf16", lambda o: hftl_cmd(o, *base_args, extra=bf16))
     return rows
+
+
+GPU_CASE = "vit-base/16 synthetic 224px bf16"
 
 
 def run_row(row: dict, out_dir: Path, index: int) -> dict:
@@ -163,6 +185,17 @@ def run_row(row: dict, out_dir: Path, index: int) -> dict:
     return result
 
 
+def mfu_reference(rows: list[dict], model_folder, image_size: int) -> None:
+    """Model FLOPs per training image and the card's bf16 peak, for the MFU column of the GPU case."""
+    import torch
+
+    flops = train_flops_per_image(model_folder, image_size)
+    peak = bf16_peak_flops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    for row in rows:
+        if row["case"] == GPU_CASE:
+            row["train_flops_per_image"], row["bf16_peak_flops"] = flops, peak
+
+
 def ratio(a, b):
     return None if a is None or b is None or not b else a / b
 
@@ -176,14 +209,14 @@ def fmt(value, digits=1):
 def table(rows: list[dict]) -> str:
     head = (
         "| case | row | train img/s | eval img/s | peak RSS MB | train ΔRSS MB | later epoch s | to target s "
-        "| val acc | vs | train × | eval × | peak mem × | ΔRSS × | later epoch × |"
+        "| val acc | vs | train × | eval × | peak mem × | ΔRSS × | later epoch × | MFU |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by_name = {(r["case"], r["row"]): r["result"] for r in rows}
     for r in rows:
         res, ref = r["result"], by_name.get((r["case"], r["vs"]), {}) if r["vs"] else {}
         if "error" in res:
-            lines.append(f"| {r['case']} | {r['row']} | failed | | | | | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r['row']} | failed |" + " |" * 13)
             continue
         mem = res.get("cuda_peak_mb") or res["peak_rss_mb"]
         ref_mem = ref.get("cuda_peak_mb") or ref.get("peak_rss_mb")
@@ -203,9 +236,18 @@ def table(rows: list[dict]) -> str:
             fmt(ratio(mem, ref_mem), 2),
             fmt(ratio(res["train_rss_delta_mb"], ref.get("train_rss_delta_mb")), 2),
             fmt(ratio(ref.get("later_epoch_seconds"), res.get("later_epoch_seconds")), 1),
+            _mfu(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mfu(row: dict) -> str:
+    """Model FLOP utilisation: training FLOPs per image x train images/s over the card's bf16 peak."""
+    flops, peak = row.get("train_flops_per_image"), row.get("bf16_peak_flops")
+    if not flops or not peak:
+        return "—"
+    return f"{100 * flops * row['result']['train_images_per_s'] / peak:.1f}%"
 
 
 def main(argv=None) -> None:
@@ -216,6 +258,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS for every row (1 on a shared, busy machine)."
     )
+    parser.add_argument(
+        "--gpu_case", action="store_true", help="Add the ViT-B/16 224 px bf16 case (automatic with a GPU)."
+    )
     parser.add_argument("--results", default=str(BENCH_DIR / "results"), help="Folder for the .json / .md results.")
     args = parser.parse_args(argv)
 
@@ -223,7 +268,12 @@ def main(argv=None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every row's subprocess
     out_dir = WORK / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in cases(args.quick, args.compile) if not args.only or args.only in r["case"]]
+    import torch
+
+    gpu_case = args.gpu_case or torch.cuda.is_available()
+    rows = [r for r in cases(args.quick, args.compile, gpu_case) if not args.only or args.only in r["case"]]
+    if any(r["case"] == GPU_CASE for r in rows):
+        mfu_reference(rows, WORK / "models" / "vit-base", 224)
     load = os.getloadavg()[0]
     started = time.perf_counter()
     done = []
