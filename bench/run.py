@@ -4,7 +4,8 @@ Usage:
     python bench/run.py            # every case (~10 min on an idle 2-core CPU)
     python bench/run.py --quick    # fewer rows, fewer samples (~2 min)
     python bench/run.py --compile  # also a torch.compile row (slow to compile on CPU)
-    python bench/run.py --only vit-small   # cases whose name contains this
+    python bench/run.py --only vit-small   # rows whose "case: row" matches this regular expression
+    python bench/run.py --only "quickstart.*: (baseline Trainer|hftl)$" --repeats 5   # the headline, 5 times
     python bench/run.py --threads 1        # on a busy shared machine: 2 OpenMP threads per process thrash there
 
 Each row runs in its own subprocess (so peak RSS is per case) with the same model folder, data, image size, batch
@@ -12,6 +13,8 @@ size, precision and hardware on both sides. Results go to bench/results/<quick|d
 Columns: train and eval images/s (training time excludes evaluation), peak RSS (on GPU: peak allocated),
 train ΔRSS (peak RSS minus RSS when training starts: what training itself added), time from the start of training
 to the first evaluation at or above the case's target accuracy, and each ratio against the row named in `vs`.
+With --repeats N every row runs N times, interleaved (all rows, then all rows again), and each number in the table
+is its median: on a shared machine single runs of the same row vary by ±20%.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -254,7 +259,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Fewer rows and samples (~2 min on 2 CPU cores).")
     parser.add_argument("--compile", action="store_true", help="Add a torch.compile row.")
-    parser.add_argument("--only", default=None, help="Run only cases whose name contains this text.")
+    parser.add_argument("--only", default=None, help='Run only rows whose "case: row" matches this regex.')
+    parser.add_argument("--repeats", type=int, default=1, help="Run every row N times (interleaved); report medians.")
     parser.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS for every row (1 on a shared, busy machine)."
     )
@@ -271,19 +277,44 @@ def main(argv=None) -> None:
     import torch
 
     gpu_case = args.gpu_case or torch.cuda.is_available()
-    rows = [r for r in cases(args.quick, args.compile, gpu_case) if not args.only or args.only in r["case"]]
+    rows = [
+        r
+        for r in cases(args.quick, args.compile, gpu_case)
+        if not args.only or re.search(args.only, f"{r['case']}: {r['row']}")
+    ]
     if any(r["case"] == GPU_CASE for r in rows):
         mfu_reference(rows, WORK / "models" / "vit-base", 224)
     load = os.getloadavg()[0]
     started = time.perf_counter()
     done = []
-    for index, row in enumerate(rows):
-        print(f"[{index + 1}/{len(rows)}] {row['case']}: {row['row']}", flush=True)
-        row["result"] = run_row(row, out_dir, index)
-        done.append(row)
-        header, text = report(done, args, load, started)  # rewritten after each row: a cut-off run keeps its rows
-        save(Path(args.results) / run_name(args), header, text, done)
+    for repeat in range(args.repeats):
+        for index, row in enumerate(rows):
+            print(f"[{repeat + 1}.{index + 1}/{len(rows)}] {row['case']}: {row['row']}", flush=True)
+            row.setdefault("runs", []).append(run_row(row, out_dir, index))
+            row["result"] = median_result(row["runs"])
+            if row not in done:
+                done.append(row)
+            header, text = report(done, args, load, started)  # rewritten after each row: a cut-off run keeps rows
+            save(Path(args.results) / run_name(args), header, text, done)
     print("\n" + header + "\n\n" + text)
+
+
+def median_result(runs: list[dict]) -> dict:
+    """Each number's median over the runs that finished (a row with no finished run keeps its error)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    merged = dict(ok[-1])
+    for key, value in merged.items():
+        values = [r.get(key) for r in ok]
+        if _number(value) and all(_number(v) for v in values):
+            merged[key] = statistics.median(values)
+    merged["runs_finished"] = len(ok)
+    return merged
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def report(rows: list[dict], args, load: float, started: float) -> tuple[str, str]:
@@ -293,13 +324,16 @@ def report(rows: list[dict], args, load: float, started: float) -> tuple[str, st
     header = (
         f"hftl bench ({'quick' if args.quick else 'default'}) on {hardware}, {platform.machine()}, torch "
         f"{torch.__version__}; load average at start {load:.1f}; total {time.perf_counter() - started:.0f}s"
+        + (f"; each number the median of {args.repeats} interleaved runs" if args.repeats > 1 else "")
     )
     return header, table(rows)
 
 
 def run_name(args) -> str:
     name = "quick" if args.quick else "default"
-    return name + ("-" + "".join(c if c.isalnum() else "-" for c in args.only) if args.only else "")
+    if not args.only:
+        return name
+    return name + "-" + re.sub(r"[^0-9A-Za-z]+", "-", args.only).strip("-")[:40]
 
 
 def save(stem: Path, header: str, text: str, rows: list[dict]) -> None:
