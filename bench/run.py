@@ -149,6 +149,9 @@ def cases(quick: bool, compile_row: bool, gpu_case: bool = False) -> list[dict]:
     add(s, "baseline Trainer full", None, lambda o: baseline_cmd(o, small, synthetic, *small_args[2:], extra=vit_base))
     add(s, "hftl full", "baseline Trainer full", lambda o: hftl_cmd(o, *small_args, extra=vit_common))
     add(s, "hftl lora", "hftl full", lambda o: hftl_cmd(o, *small_args, extra=[*vit_common, "--strategy", "lora"]))
+    if not quick:
+        lora_gc = [*vit_common, "--strategy", "lora", "--gradient_checkpointing", "true"]
+        add(s, "hftl lora gradient checkpointing", "hftl full", lambda o: hftl_cmd(o, *small_args, extra=lora_gc))
     lp = [*vit_common, "--strategy", "linear-probe", "--learning_rate", "1.0e-2"]
     lp_off = [*lp, "--cache_features", "false"]
     add(s, "hftl linear-probe uncached", "hftl full", lambda o: hftl_cmd(o, *small_args, lp_off))

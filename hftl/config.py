@@ -154,6 +154,10 @@ class TrainArgs:
         },
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass: less training memory, slower steps."},
+    )
     cache_features: bool = field(
         default=True,
         metadata={

@@ -211,6 +211,22 @@ def peft_base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them (`--gradient_checkpointing`):
+    less memory for a slower step. Non-reentrant checkpointing, so frozen inputs (LoRA, frozen stems) still get
+    gradients to the trainable layers above them."""
+    base = peft_base(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(base).__name__} does not support gradient checkpointing; run without --gradient_checkpointing."
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @torch.no_grad()
 def snapshot_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters and all buffers on CPU: enough to restore the best epoch."""

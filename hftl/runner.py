@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from hftl import features
 from hftl.config import RunConfig, parse_config
 from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
 from hftl.fastdata import cache_processed
-from hftl.models import apply_strategy
+from hftl.models import apply_strategy, enable_activation_checkpointing
 from hftl.tasks import get_task
 from hftl.trainer import evaluate, make_loader, train
 
@@ -86,10 +87,15 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         f"data: {config.data.dataset}: {len(names)} classes; "
         + ", ".join(f"{split} {len(ds)}" for split, ds in dsd.items())
     )
+    # new heads and adapters (LoRA's A matrices) are drawn from the global RNG: --seed decides them, not whatever
+    # ran earlier in this process
+    set_seed(config.train.seed)
     model, processor = task.load_model(config.model, id2label)
     if config.model.from_scratch:
         model = random_init(model, config.train.seed)
     adapted = apply_strategy(model, task, config.strategy, config.train.learning_rate)
+    if config.train.gradient_checkpointing:
+        enable_activation_checkpointing(adapted.model)
     accelerator.print(f"strategy {config.strategy.strategy}: {adapted.summary()}")
     prepared = task.prepare(dsd, processor, config.data)
 

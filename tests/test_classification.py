@@ -258,3 +258,41 @@ def test_channels_last_is_on_for_convnets_and_changes_only_the_memory_layout(
     assert weights_on.keys() == weights_off.keys()
     assert all(torch.allclose(weights_on[k], weights_off[k], atol=1e-4) for k in weights_on)
     assert on["test"]["loss"] == pytest.approx(off["test"]["loss"], abs=1e-4)
+
+
+def test_lora_runs_are_decided_by_the_seed_not_by_what_ran_before(tiny_vit_dir, colour_folder, tmp_path):
+    """LoRA's A matrices and new heads come from the global RNG: the same --seed twice in one process (as in a
+    notebook or a grid) must give the same run, another seed another one."""
+    lora = ["--num_epochs", "1", "--strategy", "lora"]
+    first = _argv(colour_folder, tiny_vit_dir, tmp_path / "first", *lora)
+    torch.manual_seed(1234)  # whatever ran earlier in the process
+    run("classification", first)
+    run("classification", _argv(colour_folder, tiny_vit_dir, tmp_path / "again", *lora))
+    run("classification", _argv(colour_folder, tiny_vit_dir, tmp_path / "other", *lora, "--seed", "1"))
+    a, b, c = (_weights(tmp_path / name) for name in ("first", "again", "other"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_gradient_checkpointing_recomputes_to_the_same_training(tiny_vit_dir, colour_folder, tmp_path):
+    """Recomputing activations in the backward pass changes memory, not the arithmetic: LoRA (frozen inputs, so
+    non-reentrant checkpointing must still reach the adapters) ends where it ends without it."""
+    lora = ["--num_epochs", "2", "--strategy", "lora"]
+    plain = run("classification", _argv(colour_folder, tiny_vit_dir, tmp_path / "plain", *lora))
+    recomputed_argv = _argv(colour_folder, tiny_vit_dir, tmp_path / "gc", *lora, "--gradient_checkpointing", "true")
+    recomputed = run("classification", recomputed_argv)
+    before, plain_w, gc_w = _weights(tiny_vit_dir), _weights(tmp_path / "plain"), _weights(tmp_path / "gc")
+    moved = [k for k in plain_w if not k.startswith("classifier") and not torch.equal(before[k], plain_w[k])]
+    assert moved  # the adapters trained and were merged into the encoder
+    assert all(torch.allclose(plain_w[k], gc_w[k], atol=1e-5) for k in plain_w)
+    assert recomputed["test"]["loss"] == pytest.approx(plain["test"]["loss"], abs=1e-5)
+
+
+def test_gradient_checkpointing_refuses_a_model_without_it():
+    from hftl.models import enable_activation_checkpointing
+
+    class NoCheckpointing(torch.nn.Module):
+        supports_gradient_checkpointing = False
+
+    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+        enable_activation_checkpointing(NoCheckpointing())
