@@ -129,6 +129,8 @@ def cases(quick: bool, compile_row: bool, gpu_case: bool = False) -> list[dict]:
     if not quick:
         cl_off = [*quick_common, "--channels_last", "false"]
         add(q, "hftl channels_last off", "hftl", lambda o: hftl_cmd(o, *common, cl_off))
+        keep_off = [*quick_common, "--cpu_keep_freed_memory", "false"]
+        add(q, "hftl keep-freed-memory off", "hftl", lambda o: hftl_cmd(o, *common, keep_off))
         add(q, "hftl eval-cache off", "hftl", lambda o: hftl_cmd(o, *common, quick_common, ["--no_eval_cache"]))
         add(q, "hftl num_workers 1", "hftl", lambda o: hftl_cmd(o, *common, [*quick_common, "--num_workers", "1"]))
         bf16 = ["--mixed_precision", "bf16"]

@@ -154,6 +154,13 @@ class TrainArgs:
         },
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "CPU training: keep freed memory in the process (glibc mallopt) instead of returning it to the "
+            "OS and faulting it back every step (up to 1.3x faster steps, bench/); memory goes back at exit."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass: less training memory, slower steps."},

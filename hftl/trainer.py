@@ -7,11 +7,13 @@ temporary folder and renamed into place, so a kill mid-save never corrupts the l
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +89,21 @@ def default_num_workers(gpu: bool | None = None, cores: int | None = None, local
     return max(0, min(8, cores // local_processes - 1))
 
 
+def keep_freed_memory() -> bool:
+    """CPU training on glibc: keep freed blocks in the process rather than handing large ones back to the OS (mmap
+    threshold, heap trimming) and page-faulting them in again at the next step. A bare training loop measured
+    ~85 ms/step every time with this against 85-134 ms/step without it (EfficientNet-Lite0, 2 cores); ViT-small
+    +6-12%. Peak memory is unchanged; the process simply keeps it until it exits. False where not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # M_MMAP_THRESHOLD (-3) at glibc's maximum (32 MiB on 64-bit) and M_TRIM_THRESHOLD (-1) at 1 GiB
+        return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, num_workers: int | None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     num_workers = default_num_workers() if num_workers is None else num_workers
@@ -157,6 +174,8 @@ def train(
     greater_is_better: bool = True,
 ) -> TrainResult:
     set_seed(args.seed)
+    if args.cpu_keep_freed_memory and accelerator.device.type == "cpu":
+        keep_freed_memory()
     model = adapted.model
     channels_last = wants_channels_last(model, args.channels_last)
     if channels_last:
