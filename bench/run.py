@@ -327,7 +327,8 @@ def report(rows: list[dict], args, load: float, started: float) -> tuple[str, st
 
     hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     header = (
-        f"hftl bench ({'quick' if args.quick else 'default'}) on {hardware}, {platform.machine()}, torch "
+        f"hftl bench ({'quick' if args.quick else 'default'}, {time.strftime('%Y-%m-%d')}) on {hardware}, "
+        f"{platform.machine()}, torch "
         f"{torch.__version__}; load average at start {load:.1f}; total {time.perf_counter() - started:.0f}s"
         + (f"; each number the median of {args.repeats} interleaved runs" if args.repeats > 1 else "")
     )
