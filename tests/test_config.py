@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -85,13 +86,16 @@ print(rss() - before)
 
 
 def test_cpu_training_keeps_freed_memory_for_the_next_step():
-    """200 freed 1 MiB tensors: glibc hands them back to the OS by default, and keeps them (for the next training
-    step to reuse without page faults) once `keep_freed_memory` has run. Fresh processes: the setting is global."""
-    import subprocess
-    import sys
+    """200 freed 1 MiB tensors: glibc at its starting thresholds hands them back to the OS, and keeps them (for the
+    next training step to reuse without page faults) once `keep_freed_memory` has run. Fresh processes, since the
+    setting is global; GLIBC_TUNABLES pins glibc's starting thresholds, which it otherwise raises on its own as
+    imports free large blocks (so the default alone sometimes keeps them too)."""
+    pinned = "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072"
+    env = {**os.environ, "GLIBC_TUNABLES": pinned}
 
     def kept_mb(mode: str) -> float:
-        probe = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE, mode], capture_output=True, text=True)
+        command = [sys.executable, "-c", _FREED_MEMORY_PROBE, mode]
+        probe = subprocess.run(command, capture_output=True, text=True, env=env)
         assert probe.returncode == 0, probe.stderr
         return float(probe.stdout.split()[-1])
 
