@@ -1,12 +1,13 @@
 """hftl next to a plain transformers.Trainer baseline, and each fast path on and off, in one run.
 
 Usage:
-    python bench/run.py            # every case (~10 min on an idle 2-core CPU)
+    python bench/run.py            # every case (~7 min on an idle 2-core CPU)
     python bench/run.py --quick    # fewer rows, fewer samples (~2 min)
     python bench/run.py --compile  # also a torch.compile row (slow to compile on CPU)
     python bench/run.py --only vit-small   # rows whose "case: row" matches this regular expression
     python bench/run.py --only "quickstart.*: (baseline Trainer|hftl)$" --repeats 5   # the headline, 5 times
     python bench/run.py --threads 1        # on a busy shared machine: 2 OpenMP threads per process thrash there
+    python bench/run.py --gpu_case         # ViT-B/16 224 px bf16 with MFU (automatic when CUDA is present)
 
 Each row runs in its own subprocess (so peak RSS is per case) with the same model folder, data, image size, batch
 size, precision and hardware on both sides. Results go to bench/results/<quick|default>[-<only>].json and .md.
