@@ -101,6 +101,7 @@ def train_flops_per_image(model_folder: Path, image_size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForImageClassification
 
+    # eager attention: its matmuls are counted, whereas the CPU's fused SDPA kernel may not be in the counter's table
     model = AutoModelForImageClassification.from_pretrained(model_folder, attn_implementation="eager")
     pixels, labels = torch.randn(2, 3, image_size, image_size), torch.zeros(2, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
