@@ -43,6 +43,13 @@ class DataArgs:
     )
     augment: bool = field(default=True, metadata={"help": "Train-time augmentation (random resized crop, flip)."})
     crop_scale_min: float = field(default=0.6, metadata={"help": "Smallest area fraction of the random crop."})
+    decoded_cache_max_mb: float = field(
+        default=2048,
+        metadata={
+            "help": "Classification: decode the train images once and augment them as uint8 tensors when their "
+            "pixels (kept at the size the random crop needs) fit in this many MB per process; 0 decodes every epoch."
+        },
+    )
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip (turn off for digits, text, …)."})
     on_bad_image: str = field(
         default="error", metadata={"help": "'error': stop naming the corrupt image; 'skip': drop it and count."}

@@ -106,15 +106,21 @@ def run_config(task_name: str, config: RunConfig) -> dict:
 
     main_metric = config.train.metric_for_best or task.main_metric
     greater = not main_metric.endswith("loss") and getattr(task, "greater_is_better", True)
-    # --- fast paths (hftl/fastdata.py, hftl/features.py) ---
+    # --- fast paths (hftl/fastdata.py, hftl/features.py, hftl/decoded.py) ---
     # splits whose transforms are deterministic are processed once and kept (tasks that say so)
     if hasattr(task, "deterministic_splits"):
         prepared = cache_processed(prepared, task.deterministic_splits(config.data))
     train_adapted, train_ds, eval_ds, collate = adapted, prepared["train"], prepared["validation"], task.collate
+    probe, decoded = None, None
     if config.strategy.strategy == "linear-probe" and config.train.cache_features:
         probe = features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
         if probe is not None:  # the head trains on cached backbone features; adapted.model gets the trained head
             train_adapted, train_ds, eval_ds, collate = probe
+    if probe is None and hasattr(task, "decoded_train_split"):
+        decoded = task.decoded_train_split(dsd["train"], processor, config.data)
+        if decoded is not None:  # augmented epochs from images decoded once (hftl/decoded.py)
+            train_ds = decoded
+            accelerator.print(f"train images decoded once: {decoded.images.megabytes:.0f} MB in memory")
     # --- end fast paths ---
     result = train(
         task,
@@ -155,6 +161,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             "steps": result.state.step,
             "best_epoch": result.state.best_epoch,
             "channels_last": result.channels_last,
+            "decoded_images_mb": round(decoded.images.megabytes, 1) if decoded is not None else None,
         },
         "eval": {k.removeprefix("eval_"): v for k, v in result.best_metrics.items() if k.startswith("eval_")},
         "test": test_metrics,

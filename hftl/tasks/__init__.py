@@ -18,7 +18,9 @@ The shared trainer (`hftl.trainer`) talks to a task through this contract and no
     task.new_evaluator(id2label) -> Evaluator
 
     optional: task.encode_labels(dataset_dict, names) (labels → one shared ClassLabel),
-              task.deterministic_splits(data_args) (splits whose processed tensors the runner may cache)
+              task.deterministic_splits(data_args) (splits whose processed tensors the runner may cache),
+              task.decoded_train_split(train, image_processor, data_args) -> Dataset | None (augmented train items
+                  from images decoded once; the task's forward then takes uint8 pixel batches)
 
     Evaluator.update(accelerator, batch, outputs)   gathers across ranks itself (accelerator.gather_for_metrics)
     Evaluator.compute() -> dict[str, float]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
+from hftl.decoded import normalize_uint8
 from hftl.models import last_linear_named, peft_base
 from hftl.processing import (
     ensure_rgb,
@@ -42,6 +43,7 @@ class ClassificationTask:
         self.label_smoothing = config.train.label_smoothing if config is not None else 0.0
         self.image_column = None
         self.label_column = None
+        self.uint8_mean_std = None
 
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:
@@ -148,6 +150,26 @@ class ClassificationTask:
             {split: ds.with_transform(train_batch if split == "train" else eval_batch) for split, ds in dsd.items()}
         )
 
+    def decoded_train_split(self, train, processor, data_args):
+        """The train split decoded once and augmented as uint8 tensors (hftl/decoded.py), or None when it does not
+        fit in --decoded_cache_max_mb or augmentation is off (then the processed-tensor cache serves it)."""
+        from torchvision.transforms import v2
+
+        from hftl.decoded import AugmentedDecodedSplit, crop_min_area, decode_images
+
+        if not data_args.augment:
+            return None
+        size = processor_input_size(processor)
+        min_area = crop_min_area(size, data_args.crop_scale_min)
+        images = decode_images(train, self.image_column, min_area, data_args.decoded_cache_max_mb)
+        if images is None:
+            return None
+        steps = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
+        if data_args.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.uint8_mean_std = processor_mean_std(processor)
+        return AugmentedDecodedSplit(images, list(train[self.label_column]), v2.Compose(steps))
+
     @staticmethod
     def deterministic_splits(data_args) -> list[str]:
         """Splits whose preprocessing has no randomness: the runner caches their tensors after the first pass."""
@@ -161,7 +183,10 @@ class ClassificationTask:
         }
 
     def forward(self, model, batch):
-        outputs = model(pixel_values=batch["pixel_values"])
+        pixels = batch["pixel_values"]
+        if pixels.dtype == torch.uint8:  # from decoded_train_split: normalised here, on the device, per batch
+            pixels = normalize_uint8(pixels, *self.uint8_mean_std)
+        outputs = model(pixel_values=pixels)
         outputs.loss = F.cross_entropy(outputs.logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
         return outputs
 

@@ -1,0 +1,126 @@
+"""Augmented training from images decoded once: the fast path for classification's train split.
+
+Decoding (PNG/JPEG → pixels) and converting to float is most of the per-image cost of an augmented epoch on a small
+model, and it is the same work every epoch. So the train split's images are decoded once, in threads, into one
+uint8 buffer (CHW per image), downscaled only as far as the random crop allows without upsampling; each epoch then
+crops, resizes and flips uint8 tensors (torchvision v2, drawing from the same RNG as the PIL path, so runs stay
+seeded and resumable), and the batch is converted to float and normalised in one operation on the device
+(`normalize_uint8`): 4x less to copy to a GPU, no per-image float work on the CPU.
+
+A split is cached only when its decoded pixels fit in `max_mb` (known from the image headers, before decoding);
+otherwise the per-epoch path runs as before.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from hftl.processing import ensure_rgb
+
+# RandomResizedCrop's default aspect-ratio range; its narrowest crop side is sqrt(area * scale * 3/4)
+MIN_ASPECT = 3 / 4
+
+
+def stored_size(width: int, height: int, min_area: int) -> tuple[int, int]:
+    """The size an image is kept at: its own, or scaled down to about `min_area` pixels when larger."""
+    if width * height <= min_area:
+        return width, height
+    scale = math.sqrt(min_area / (width * height))
+    return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def crop_min_area(size: int, crop_scale_min: float) -> int:
+    """Fewest stored pixels for which the smallest random crop (area fraction `crop_scale_min`, aspect 3:4) still
+    has at least `size` pixels on its short side, i.e. is never upsampled more than on the full-size original."""
+    return math.ceil(size * size / (max(crop_scale_min, 1e-3) * MIN_ASPECT))
+
+
+class DecodedImages:
+    """Images as one uint8 buffer; `images[i]` is a (3, H, W) uint8 tensor viewing it."""
+
+    def __init__(self, buffer: np.ndarray, offsets: np.ndarray, shapes: np.ndarray):
+        self.buffer, self.offsets, self.shapes = buffer, offsets, shapes
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        height, width = (int(v) for v in self.shapes[index])
+        start = int(self.offsets[index])
+        return torch.from_numpy(self.buffer[start : start + 3 * height * width]).view(3, height, width)
+
+    @property
+    def megabytes(self) -> float:
+        return self.buffer.nbytes / 2**20
+
+
+def _open(item) -> Image.Image:
+    return Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+
+
+def decode_images(dataset, image_column: str, min_area: int, max_mb: float, threads: int | None = None):
+    """Decodes `dataset[image_column]` into a `DecodedImages`, or returns None when the pixels would not fit in
+    `max_mb` (decided from the headers) or the column holds no encoded images."""
+    if max_mb <= 0 or not len(dataset) or not isinstance(dataset.features.get(image_column), ImageFeature):
+        return None
+    # one batch of encoded images in memory at a time: the files may be far larger than what is kept
+    raw = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    sizes = []
+    for batch in raw.iter(batch_size=256):
+        for item in batch[image_column]:
+            with _open(item) as image:
+                sizes.append(stored_size(*image.size, min_area))
+    lengths = np.array([3 * w * h for w, h in sizes], dtype=np.int64)
+    if lengths.sum() / 2**20 > max_mb:
+        return None
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    buffer = np.empty(int(lengths.sum()), dtype=np.uint8)
+
+    def decode(index: int, item: dict) -> None:
+        width, height = sizes[index]
+        with _open(item) as image:
+            if image.size != (width, height):
+                image.draft(image.mode, (width, height))  # JPEG: decode at a reduced scale straight away
+            image = ensure_rgb(image)
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            pixels = np.asarray(image).transpose(2, 0, 1)
+        buffer[offsets[index] : offsets[index] + lengths[index]] = pixels.reshape(-1)
+
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while decoding and resizing
+        start = 0
+        for batch in raw.iter(batch_size=256):
+            column = batch[image_column]
+            list(pool.map(decode, range(start, start + len(column)), column))
+            start += len(column)
+    shapes = np.array([(h, w) for w, h in sizes], dtype=np.int32)
+    return DecodedImages(buffer, offsets, shapes)
+
+
+class AugmentedDecodedSplit(torch.utils.data.Dataset):
+    """Items {"pixel_values": augmented uint8 (3, size, size), "labels": int} from decoded images."""
+
+    def __init__(self, images: DecodedImages, labels: list[int], transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.transform(self.images[index]), "labels": self.labels[index]}
+
+
+def normalize_uint8(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """(N, 3, H, W) uint8 → float32 normalised with the processor's mean/std, in one fused op per batch."""
+    scale = torch.tensor([1 / (255 * s) for s in std], device=pixels.device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=pixels.device).view(1, 3, 1, 1)
+    return torch.addcmul(shift, pixels.float(), scale)

@@ -1,0 +1,149 @@
+"""The decoded-image fast path: the same augmentation as the per-epoch PIL path, bounded memory, RGB, fallbacks."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from torchvision.transforms import v2
+
+from hftl.config import parse_config
+from hftl.decoded import crop_min_area, decode_images, normalize_uint8, stored_size
+from hftl.tasks import get_task
+from hftl.trainer import SeededItems, make_loader
+
+
+def _dataset(images: list[Image.Image], fmt: str = "PNG") -> Dataset:
+    def encode(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    return Dataset.from_dict({"image": [encode(im) for im in images], "label": [i % 2 for i in range(len(images))]},
+                             features=features)  # fmt: skip
+
+
+def _photos(size: tuple[int, int], count: int = 6) -> list[Image.Image]:
+    """Crops of sklearn's sample photos: real texture, so a different crop box shows as a large difference."""
+    out = []
+    for i in range(count):
+        photo = load_sample_images().images[i % 2]
+        top, left = 37 * i, 53 * i
+        out.append(Image.fromarray(photo[top : top + size[1], left : left + size[0]]))
+    return out
+
+
+def _task_and_processor(*args: str):
+    from transformers import ViTImageProcessor
+
+    config = parse_config(["--image_size", "32", "--crop_scale_min", "0.5", *args])
+    task = get_task("classification", config)
+    task.image_column, task.label_column = "image", "label"
+    processor = ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]
+    )
+    return task, processor, config
+
+
+def test_decoded_items_match_the_per_epoch_pil_path():
+    """Same seed, epoch and index: the same random crop and flip; pixels equal up to resampling rounding."""
+    dataset = _dataset(_photos((48, 40)))  # smaller than the crop bound, so nothing is downscaled
+    task, processor, config = _task_and_processor()
+    from datasets import DatasetDict
+
+    pil = SeededItems(task.prepare(DatasetDict({"train": dataset}), processor, config.data)["train"], seed=3)
+    decoded = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=3)
+    assert decoded.dataset.images.megabytes == pytest.approx(6 * 3 * 48 * 40 / 2**20)
+    for epoch in (0, 1):
+        pil.set_epoch(epoch), decoded.set_epoch(epoch)
+        for index in range(len(dataset)):
+            want, got = pil[index], decoded[index]
+            assert got["pixel_values"].dtype == torch.uint8 and got["labels"] == want["labels"]
+            pixels = normalize_uint8(got["pixel_values"][None], *task.uint8_mean_std)[0]
+            difference = (pixels - want["pixel_values"]).abs()
+            # torchvision's uint8 resize rounds like PIL's: at most a step of 1/255 (÷ std ≈ 0.02) apart here,
+            # where another crop of a photo differs by ~1 on average
+            assert difference.mean() < 0.002 and difference.max() < 0.03, (epoch, index, difference.mean())
+    # and the draws differ between epochs (augmentation is not frozen by the cache)
+    decoded.set_epoch(0)
+    first = decoded[0]["pixel_values"]
+    decoded.set_epoch(1)
+    assert not torch.equal(first, decoded[0]["pixel_values"])
+
+
+def test_normalize_uint8_equals_torchvision_normalize():
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    want = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(pixels))
+    torch.testing.assert_close(normalize_uint8(pixels, mean, std), want, rtol=1e-5, atol=1e-5)
+
+
+def test_large_images_are_kept_only_as_large_as_the_smallest_crop_needs():
+    min_area = crop_min_area(32, 0.5)  # 32² / (0.5 · 3/4)
+    assert min_area == 2731
+    photo = _photos((600, 400), count=1)[0]
+    small = Image.new("RGB", (20, 30), (10, 200, 30))
+    for fmt in ("PNG", "JPEG"):  # JPEG goes through draft(): decoded at a reduced scale
+        images = decode_images(_dataset([photo, small], fmt), "image", min_area, max_mb=100)
+        big = images[0]
+        height, width = big.shape[1:]
+        assert (width, height) == stored_size(600, 400, min_area)
+        assert min_area <= width * height <= 1.05 * min_area and abs(width / height - 1.5) < 0.05
+        # the smallest random crop (area 0.5, aspect 3:4) still has ≥ 32 pixels on its short side
+        assert (0.5 * 0.75 * width * height) ** 0.5 >= 32
+        reference = np.asarray(photo.resize((width, height), Image.Resampling.BOX)).transpose(2, 0, 1)
+        assert np.abs(big.numpy().astype(int) - reference).mean() < 12, fmt
+        assert tuple(images[1].shape) == (3, 30, 20) and images[1][:, 0, 0].tolist() == [10, 200, 30]
+
+
+def test_grayscale_palette_and_transparent_images_become_rgb():
+    gray = Image.new("L", (8, 8), 77)
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent: composited on white
+    palette = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P")
+    images = decode_images(_dataset([gray, rgba, palette]), "image", 10_000, max_mb=1)
+    assert [tuple(images[i].shape) for i in range(3)] == [(3, 8, 8)] * 3
+    assert images[0][:, 4, 4].tolist() == [77, 77, 77]
+    assert images[1][:, 4, 4].tolist() == [255, 255, 255]
+    assert images[2][:, 4, 4].tolist() == [0, 0, 255]
+
+
+def test_too_large_or_turned_off_falls_back_before_decoding():
+    dataset = _dataset(_photos((48, 40)))
+    assert decode_images(dataset, "image", 10_000, max_mb=0.01) is None  # 6 · 3 · 48 · 40 B = 0.03 MB
+    assert decode_images(dataset, "image", 10_000, max_mb=0) is None
+    assert decode_images(dataset, "image", 10_000, max_mb=0.05) is not None
+    task, processor, config = _task_and_processor("--augment", "false")
+    assert task.decoded_train_split(dataset, processor, config.data) is None  # the processed-tensor cache serves it
+    arrays = Dataset.from_dict({"image": [[1, 2]], "label": [0]})  # not an encoded-image column
+    assert decode_images(arrays, "image", 10_000, max_mb=100) is None
+
+
+def test_loader_workers_give_the_same_augmented_batches():
+    dataset = _dataset(_photos((48, 40), count=8))
+    task, processor, config = _task_and_processor()
+    split = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=0)
+    batches = []
+    for workers in (0, 2):
+        loader = make_loader(split, task.collate, 4, True, 0, workers)
+        batches.append([b["pixel_values"] for b in loader])
+    assert all(torch.equal(a, b) for a, b in zip(*batches)) and len(batches[0]) == 2
+
+
+def test_a_run_records_the_decoded_path_and_learns(tiny_vit_dir, colour_folder, tmp_path):
+    from hftl.runner import run
+
+    common = ["--dataset", str(colour_folder), "--model", str(tiny_vit_dir), "--num_epochs", "3", "--batch_size", "8",
+              "--learning_rate", "3.0e-3", "--report_to", "none", "--seed", "0"]  # fmt: skip
+    fast = run("classification", [*common, "--output_dir", str(tmp_path / "fast")])
+    slow = run("classification", [*common, "--output_dir", str(tmp_path / "slow"), "--decoded_cache_max_mb", "0"])
+    assert fast["train"]["decoded_images_mb"] > 0 and slow["train"]["decoded_images_mb"] is None
+    assert fast["test"]["accuracy"] >= 0.9 and slow["test"]["accuracy"] >= 0.9
+    # same crops, so the same training up to resampling rounding
+    fast_losses = [r["train_loss"] for r in fast["history"]]
+    slow_losses = [r["train_loss"] for r in slow["history"]]
+    assert fast_losses == pytest.approx(slow_losses, rel=1e-3)
