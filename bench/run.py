@@ -133,6 +133,8 @@ def cases(quick: bool, compile_row: bool, gpu_case: bool = False) -> list[dict]:
         keep_off = [*quick_common, "--cpu_keep_freed_memory", "false"]
         add(q, "hftl keep-freed-memory off", "hftl", lambda o: hftl_cmd(o, *common, keep_off))
         add(q, "hftl eval-cache off", "hftl", lambda o: hftl_cmd(o, *common, quick_common, ["--no_eval_cache"]))
+        no_decoded = [*quick_common, "--decoded_cache_max_mb", "0"]
+        add(q, "hftl decoded-images off", "hftl", lambda o: hftl_cmd(o, *common, no_decoded))
         add(q, "hftl num_workers 1", "hftl", lambda o: hftl_cmd(o, *common, [*quick_common, "--num_workers", "1"]))
         bf16 = ["--mixed_precision", "bf16"]
         base_bf16 = [*base_common, "--bf16"]
@@ -145,6 +147,9 @@ def cases(quick: bool, compile_row: bool, gpu_case: bool = False) -> list[dict]:
     tiny_args = (tiny, synthetic, epochs + 1, 32, 1e-3, 0.9)
     add(t, "baseline Trainer", None, lambda o: baseline_cmd(o, tiny, synthetic, *tiny_args[2:], extra=vit_base))
     add(t, "hftl", "baseline Trainer", lambda o: hftl_cmd(o, *tiny_args, extra=vit_common))
+    if not quick:
+        no_decoded = [*vit_common, "--decoded_cache_max_mb", "0"]
+        add(t, "hftl decoded-images off", "hftl", lambda o: hftl_cmd(o, *tiny_args, extra=no_decoded))
     add(t, "hftl 2 ranks", "hftl", lambda o: hftl_cmd(o, *tiny_args, extra=vit_common, ranks=2))
 
     s = "vit-small (h384 L6) synthetic 64px"

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from datasets import Image as ImageFeature
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from hftl.processing import ensure_rgb
 
@@ -73,11 +73,17 @@ def decode_images(dataset, image_column: str, min_area: int, max_mb: float, thre
         return None
     # one batch of encoded images in memory at a time: the files may be far larger than what is kept
     raw = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
-    sizes = []
+    sizes, turned, swapped = [], [], []  # kept (width, height) as datasets shows the image: EXIF orientation applied
     for batch in raw.iter(batch_size=256):
         for item in batch[image_column]:
             with _open(item) as image:
-                sizes.append(stored_size(*image.size, min_area))
+                orientation = image.getexif().get(ExifTags.Base.Orientation)
+                width, height = image.size
+            turned.append(orientation is not None)
+            swapped.append(orientation in (5, 6, 7, 8))  # quarter turns swap the sides
+            if swapped[-1]:
+                width, height = height, width
+            sizes.append(stored_size(width, height, min_area))
     lengths = np.array([3 * w * h for w, h in sizes], dtype=np.int64)
     if lengths.sum() / 2**20 > max_mb:
         return None
@@ -87,15 +93,19 @@ def decode_images(dataset, image_column: str, min_area: int, max_mb: float, thre
     def decode(index: int, item: dict) -> None:
         width, height = sizes[index]
         with _open(item) as image:
-            if image.size != (width, height):
-                image.draft(image.mode, (width, height))  # JPEG: decode at a reduced scale straight away
+            if image.size[0] * image.size[1] > width * height:  # JPEG: decode at a reduced scale straight away
+                image.draft(image.mode, (height, width) if swapped[index] else (width, height))
+            if turned[index]:  # as datasets' Image feature decodes it
+                image = ImageOps.exif_transpose(image)
             image = ensure_rgb(image)
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
             pixels = np.asarray(image).transpose(2, 0, 1)
         buffer[offsets[index] : offsets[index] + lengths[index]] = pixels.reshape(-1)
 
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if threads is None:  # the cores this process has: shared with the other ranks on this machine
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while decoding and resizing
         start = 0
         for batch in raw.iter(batch_size=256):

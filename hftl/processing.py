@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -28,17 +30,67 @@ def ensure_rgb(image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resolve_model_path(name: str) -> str:
+def resolve_model_path(name: str, revision: str | None = None) -> str:
+    """A bundled name becomes its folder; a Hub id is checked with one quick request first (`check_hub_model`)."""
     from hftl.bundled import resolve_model
 
-    return resolve_model(name)
+    path = resolve_model(name)
+    if not Path(path).exists():
+        check_hub_model(path, revision)
+    return path
+
+
+def check_hub_model(
+    repo_id: str, revision: str | None = None, endpoint: str | None = None, timeout: float = 10.0
+) -> None:
+    """One metadata request, so a mistyped id, a private repo without a token or no network fails in a second with
+    the fix named, rather than after huggingface_hub's download retries (~25 s offline). Skipped offline
+    (HF_HUB_OFFLINE) and for models already in the local cache; answers it cannot judge are left to from_pretrained."""
+    from huggingface_hub import HfApi, constants, get_token, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return
+    endpoint = endpoint or constants.ENDPOINT
+    try:
+        HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, timeout=timeout)
+    except RevisionNotFoundError:
+        raise ValueError(f"Model {repo_id!r} has no revision {revision!r}: check --revision.") from None
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"Model {repo_id!r} could not be loaded: no such model on {endpoint}, or it is private and no "
+            "token was found. Check the id (or use a local folder, or the bundled hftl/efficientnet-lite0); for a "
+            "private model set HF_TOKEN or run `hf auth login`."
+        ) from None
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 401:
+            problem = "rejected the Hub token" if get_token() else "wants a Hub token"
+            raise ValueError(
+                f"{endpoint} {problem} while looking up {repo_id!r}: set a valid HF_TOKEN or run `hf auth login`."
+            ) from None
+        return  # anything else (e.g. a mirror without the model-info API): from_pretrained decides
+    except (*_transport_errors(), OSError) as error:
+        raise ValueError(
+            f"Model {repo_id!r} could not be loaded: {endpoint} is not reachable "
+            f"({type(error).__name__}). Check your network; offline, start `hftl hub serve` and `hftl hub seed` and "
+            "set HF_ENDPOINT, or pass a local folder."
+        ) from None
+
+
+def _transport_errors() -> tuple[type, ...]:
+    """Connection-level errors of the HTTP client huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
+    import importlib
+    import importlib.util
+
+    clients = [importlib.import_module(name) for name in ("httpx2", "httpx") if importlib.util.find_spec(name)]
+    return tuple(client.TransportError for client in clients)
 
 
 def load_model_and_processor(auto_model_class, model_args, id2label: dict, **model_kwargs):
     """`from_pretrained` with a fresh head sized to `id2label`; unknown ids fail before any weights load."""
     from transformers import AutoConfig, AutoImageProcessor
 
-    path = resolve_model_path(model_args.model)
+    path = resolve_model_path(model_args.model, model_args.revision)
     common = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
     try:
         AutoConfig.from_pretrained(path, **common)

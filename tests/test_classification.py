@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -170,9 +171,33 @@ def test_refuses_to_overwrite_a_finished_run(tiny_vit_dir, colour_folder, tmp_pa
         run("classification", _argv(colour_folder, tiny_vit_dir, out))
 
 
-def test_unknown_model_fails_before_training(colour_folder, tmp_path):
-    with pytest.raises(ValueError, match="could not be loaded.*hftl hub serve"):
+def test_unknown_model_fails_before_training(local_hub, colour_folder, tmp_path):
+    """A mistyped id is named by one metadata request to the (real, local) Hub, before any data or weights load."""
+    with pytest.raises(ValueError, match="'nobody/no-such-model' could not be loaded: no such model on http"):
         run("classification", _argv(colour_folder, "nobody/no-such-model", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_model_check_names_the_fix(local_hub, tiny_vit_dir, monkeypatch):
+    from hftl.processing import check_hub_model
+
+    repo_id = local_hub.repo_id("vit")
+    local_hub.api().create_repo(repo_id, private=True)
+    local_hub.api().upload_folder(repo_id=repo_id, folder_path=str(tiny_vit_dir))
+    check_hub_model(repo_id)  # exists, token valid: no error
+    with pytest.raises(ValueError, match="has no revision 'nope'"):
+        check_hub_model(repo_id, revision="nope")
+    monkeypatch.setenv("HF_TOKEN", "not-the-token")
+    with pytest.raises(ValueError, match="rejected the Hub token"):
+        check_hub_model(repo_id)
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(ValueError, match="wants a Hub token"):
+        check_hub_model(repo_id)
+    with socket.socket() as closed:  # a port nobody listens on: no network
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(ValueError, match="is not reachable.*hftl hub serve"):
+        check_hub_model(repo_id, endpoint=endpoint)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
-from PIL import Image
+from PIL import ExifTags, Image
 from sklearn.datasets import load_sample_images
 from torchvision.transforms import v2
 
@@ -147,3 +147,19 @@ def test_a_run_records_the_decoded_path_and_learns(tiny_vit_dir, colour_folder, 
     fast_losses = [r["train_loss"] for r in fast["history"]]
     slow_losses = [r["train_loss"] for r in slow["history"]]
     assert fast_losses == pytest.approx(slow_losses, rel=1e-3)
+
+
+def test_exif_orientation_is_applied_as_datasets_does():
+    """A phone photo stored sideways with an EXIF orientation tag is kept the way datasets shows it."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # rotate 90° clockwise on display
+    buffer = io.BytesIO()
+    _photos((60, 40), count=1)[0].save(buffer, format="JPEG", exif=exif)
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    dataset = Dataset.from_dict(
+        {"image": [{"bytes": buffer.getvalue(), "path": None}], "label": [0]}, features=features
+    )
+    shown = np.asarray(dataset[0]["image"].convert("RGB")).transpose(2, 0, 1)
+    assert shown.shape == (3, 60, 40)
+    kept = decode_images(dataset, "image", 10_000, max_mb=1)[0].numpy()
+    assert np.array_equal(kept, shown)

@@ -85,7 +85,7 @@ class DetectionTask:
 
         from hftl.processing import load_model_and_processor, resolve_model_path
 
-        path = resolve_model_path(model_args.model)
+        path = resolve_model_path(model_args.model, model_args.revision)
         common = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
         try:
             config = AutoConfig.from_pretrained(path, **common)

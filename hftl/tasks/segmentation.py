@@ -128,7 +128,7 @@ class SegmentationTask:
 
         from hftl.processing import load_model_and_processor, resolve_model_path
 
-        path = resolve_model_path(model_args.model)
+        path = resolve_model_path(model_args.model, model_args.revision)
         config = AutoConfig.from_pretrained(
             path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code
         )
