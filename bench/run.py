@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -318,7 +319,10 @@ def median_result(runs: list[dict]) -> dict:
     merged = dict(ok[-1])
     for key, value in merged.items():
         values = [r.get(key) for r in ok]
-        if _number(value) and all(_number(v) for v in values):
+        if key == "time_to_target_s":  # a run that never reached the target counts as slower than any that did
+            middle = statistics.median([math.inf if v is None else v for v in values])
+            merged[key] = None if math.isinf(middle) else middle
+        elif _number(value) and all(_number(v) for v in values):
             merged[key] = statistics.median(values)
     merged["runs_finished"] = len(ok)
     return merged

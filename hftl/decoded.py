@@ -4,7 +4,7 @@ Decoding (PNG/JPEG → pixels) and converting to float is most of the per-image 
 model, and it is the same work every epoch. So the train split's images are decoded once, in threads, into one
 uint8 buffer (CHW per image), downscaled only as far as the random crop allows without upsampling; each epoch then
 crops, resizes and flips uint8 tensors (torchvision v2, drawing from the same RNG as the PIL path, so runs stay
-seeded and resumable), and the batch is converted to float and normalised in one operation on the device
+seeded and resumable), and the batch is converted to float and normalised at once, on the device
 (`normalize_uint8`): 4x less to copy to a GPU, no per-image float work on the CPU.
 
 A split is cached only when its decoded pixels fit in `max_mb` (known from the image headers, before decoding);
@@ -130,7 +130,9 @@ class AugmentedDecodedSplit(torch.utils.data.Dataset):
 
 
 def normalize_uint8(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """(N, 3, H, W) uint8 → float32 normalised with the processor's mean/std, in one fused op per batch."""
-    scale = torch.tensor([1 / (255 * s) for s in std], device=pixels.device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=pixels.device).view(1, 3, 1, 1)
-    return torch.addcmul(shift, pixels.float(), scale)
+    """(N, 3, H, W) uint8 → float32 normalised with the processor's mean/std, for the whole batch at once. The same
+    operations, in the same order, as torchvision's ToDtype(scale=True) + Normalize on the per-epoch path, so both
+    paths give bit-identical tensors from identical pixels (one fused multiply-add would round differently)."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return pixels.float().mul_(1.0 / 255).sub_(mean).div_(std)

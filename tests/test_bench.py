@@ -27,6 +27,13 @@ def test_repeated_runs_report_each_numbers_median_and_skip_failures():
     assert bench.median_result([{"error": "boom"}]) == {"error": "boom"}
 
 
+def test_a_run_that_never_reached_the_target_counts_as_the_slowest():
+    runs = [{**_result(1.0, 1.0), "time_to_target_s": t} for t in (19.0, 23.0, None)]
+    assert bench.median_result(runs)["time_to_target_s"] == 23.0
+    runs[0]["time_to_target_s"] = None
+    assert bench.median_result(runs)["time_to_target_s"] is None
+
+
 def test_table_gives_ratios_against_the_named_row_and_keeps_failed_rows_aligned():
     rows = [
         {"case": "c", "row": "baseline", "vs": None, "result": _result(100.0, 1000.0)},
