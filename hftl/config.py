@@ -133,6 +133,12 @@ class TrainArgs:
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (GPU); bf16 also on CPU."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, augmentation, init and splits."})
     eval_every_epochs: int = field(default=1, metadata={"help": "Evaluate every N epochs."})
+    logging_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Show and log the running train loss every N optimizer steps (reading it waits for the GPU)."
+        },
+    )
     metric_for_best: str | None = field(
         default=None, metadata={"help": "Metric for best-model selection and early stopping (default per task)."}
     )
@@ -257,6 +263,9 @@ def validate(config: RunConfig) -> None:
         raise ValueError("--on_bad_image must be 'error' or 'skip'.")
     if config.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError("--mixed_precision must be no, bf16 or fp16.")
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_every_epochs", "logging_steps"):
+        if getattr(config.train, name) < 1:
+            raise ValueError(f"--{name} must be at least 1 (got {getattr(config.train, name)}).")
     if config.train.scheduler not in ("cosine", "linear", "constant"):
         raise ValueError("--scheduler must be cosine, linear or constant.")
     if config.hub.push_to_hub and not config.hub.hub_model_id:

@@ -46,7 +46,8 @@ def _make_accelerator(config: RunConfig):
         project_config=ProjectConfiguration(
             project_dir=train_args.output_dir, logging_dir=str(Path(train_args.output_dir) / "runs")
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # pinned batches are copied to the GPU asynchronously, overlapping the previous step
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
     )
 
 

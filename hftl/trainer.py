@@ -227,7 +227,8 @@ def train(
         loader = train_loader
         if state.batches_into_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_into_epoch)
-        running, counted = 0.0, 0
+        # the loss is summed on the device: reading it (.item()) makes the CPU wait for the GPU, so only at log steps
+        running, counted = torch.zeros((), device=accelerator.device), 0
         for batch in loader:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
@@ -243,15 +244,15 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             state.batches_into_epoch += 1
             samples_seen += _batch_size(batch) * accelerator.num_processes
-            running += loss.detach().float().item()
+            running += loss.detach().float()
             counted += 1
             if accelerator.sync_gradients:
                 state.step += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{running / counted:.4f}", epoch=epoch)
-                accelerator.log(
-                    {"train/loss": running / counted, "train/lr": scheduler.get_last_lr()[0]}, step=state.step
-                )
+                if state.step % args.logging_steps == 0:
+                    mean_loss = running.item() / counted
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+                    accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
                 if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                     save_checkpoint(
                         accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state}
@@ -259,7 +260,7 @@ def train(
                 if state.step >= total_steps:
                     break
         state.epoch, state.batches_into_epoch = epoch + 1, 0
-        record = {"epoch": epoch + 1, "step": state.step, "train_loss": running / max(counted, 1)}
+        record = {"epoch": epoch + 1, "step": state.step, "train_loss": running.item() / max(counted, 1)}
         if (epoch + 1) % args.eval_every_epochs == 0 or state.step >= total_steps:
             metrics, _ = evaluate(task, model, eval_loader, accelerator, id2label)
             record.update({f"eval_{k}": v for k, v in metrics.items() if _is_number(v)})

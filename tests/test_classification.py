@@ -321,3 +321,18 @@ def test_gradient_checkpointing_refuses_a_model_without_it():
 
     with pytest.raises(ValueError, match="does not support gradient checkpointing"):
         enable_activation_checkpointing(NoCheckpointing())
+
+
+def test_tracker_gets_the_running_loss_every_logging_steps(tiny_vit_dir, colour_folder, tmp_path):
+    """The loss is summed on the device and read only every --logging_steps steps (a read waits for a GPU)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = _argv(colour_folder, tiny_vit_dir, tmp_path / "out", "--num_epochs", "2", "--logging_steps", "4")
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    results = run("classification", argv)
+    events = [EventAccumulator(str(f.parent)).Reload() for f in (tmp_path / "out" / "runs").rglob("events.out.*")]
+    losses = [e for acc in events if "train/loss" in acc.Tags()["scalars"] for e in acc.Scalars("train/loss")]
+    assert [e.step for e in losses] == [4, 8, 12]  # 43 rows / batch 8 = 6 steps an epoch, 12 in all
+    assert all(0 < e.value < 2 for e in losses)
+    # the step-12 log is epoch 2's running mean over its 6 steps: what the history records for that epoch
+    assert losses[-1].value == pytest.approx(results["history"][-1]["train_loss"], rel=1e-5)

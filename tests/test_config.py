@@ -39,6 +39,8 @@ def test_bad_strategy_and_push_without_repo():
         parse_config(["--strategy", "finetune-everything"])
     with pytest.raises(ValueError, match="hub_model_id"):
         parse_config(["--push_to_hub"])
+    with pytest.raises(ValueError, match="--logging_steps must be at least 1"):
+        parse_config(["--logging_steps", "0"])
 
 
 def test_every_shipped_config_parses():
