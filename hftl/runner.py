@@ -121,7 +121,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
         if decoded is not None:  # augmented epochs from images decoded once (hftl/decoded.py)
             train_ds = decoded
-            accelerator.print(f"train images decoded once: {decoded.images.megabytes:.0f} MB in memory")
+            accelerator.print(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
     # --- end fast paths ---
     result = train(
         task,
