@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["quickstart"]:
         return _quickstart(argv[1:])
     if argv[:2] == ["hub", "serve"]:
-        from hftl.hub.server import main as serve_main
+        from hftl.hub.serving import main as serve_main
 
         serve_main(argv[2:])
         return 0

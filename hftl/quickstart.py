@@ -22,7 +22,7 @@ def default_data_dir() -> Path:
 
 def quickstart(port: int, data_dir: str | Path, train_argv: list[str]) -> dict:
     from hftl.hub.seed import seed_hub
-    from hftl.hub.server import start_in_thread
+    from hftl.hub.serving import start_in_thread
     from hftl.predict import format_predictions, predict
     from hftl.runner import run
 

@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hftl.hub.server import start_in_thread
+from hftl.hub.serving import start_in_thread
 
 BIG = 11 * 1024 * 1024  # above 10 MB: the size that goes through LFS on the real Hub
 

@@ -1,1 +1,2 @@
-"""Hub helpers. `hftl.hub.server` is the local Hub endpoint; import it directly (it pulls in FastAPI)."""
+"""Hub helpers. `hftl.hub.server` is the local Hub endpoint and `hftl.hub.serving` runs it; import them directly
+(they pull in FastAPI)."""
