@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, Features, Value
+from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import ExifTags, Image
 from sklearn.datasets import load_sample_images
@@ -30,9 +30,9 @@ def _dataset(images: list[Image.Image], fmt: str = "PNG") -> Dataset:
 
 def _photos(size: tuple[int, int], count: int = 6) -> list[Image.Image]:
     """Crops of sklearn's sample photos: real texture, so a different crop box shows as a large difference."""
-    out = []
+    out, photos = [], load_sample_images().images
     for i in range(count):
-        photo = load_sample_images().images[i % 2]
+        photo = photos[i % 2]
         top, left = 37 * i, 53 * i
         out.append(Image.fromarray(photo[top : top + size[1], left : left + size[0]]))
     return out
@@ -54,8 +54,6 @@ def test_decoded_items_match_the_per_epoch_pil_path():
     """Same seed, epoch and index: the same random crop and flip; pixels equal up to resampling rounding."""
     dataset = _dataset(_photos((48, 40)))  # smaller than the crop bound, so nothing is downscaled
     task, processor, config = _task_and_processor()
-    from datasets import DatasetDict
-
     pil = SeededItems(task.prepare(DatasetDict({"train": dataset}), processor, config.data)["train"], seed=3)
     decoded = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=3)
     assert decoded.dataset.images.megabytes == pytest.approx(6 * 3 * 48 * 40 / 2**20)
