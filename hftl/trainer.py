@@ -60,10 +60,17 @@ class SeededItems(torch.utils.data.Dataset):
     checkpoint saves is already past the next batch's draws)."""
 
     def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
+        # in shared memory: DataLoader workers hold their own copies of this object (persistent ones for the whole
+        # run), and a plain attribute set in the main process would leave them drawing epoch 0's crops every epoch
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)

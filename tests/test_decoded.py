@@ -121,15 +121,20 @@ def test_too_large_or_turned_off_falls_back_before_decoding():
     assert decode_images(arrays, "image", 10_000, max_mb=100) is None
 
 
-def test_loader_workers_give_the_same_augmented_batches():
+def test_loader_workers_give_the_same_augmented_batches_every_epoch():
+    """Persistent DataLoader workers hold copies of the dataset: they must still see each new epoch's draws."""
     dataset = _dataset(_photos((48, 40), count=8))
     task, processor, config = _task_and_processor()
-    split = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=0)
-    batches = []
+    epochs = {}
     for workers in (0, 2):
-        loader = make_loader(split, task.collate, 4, True, 0, workers)
-        batches.append([b["pixel_values"] for b in loader])
-    assert all(torch.equal(a, b) for a, b in zip(*batches)) and len(batches[0]) == 2
+        split = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=0)
+        loader = make_loader(split, task.collate, 4, False, 0, workers)
+        epochs[workers] = []
+        for epoch in range(3):
+            split.set_epoch(epoch)
+            epochs[workers].append(torch.cat([batch["pixel_values"] for batch in loader]))
+    assert all(torch.equal(a, b) for a, b in zip(epochs[0], epochs[2]))
+    assert not torch.equal(epochs[2][0], epochs[2][1]) and not torch.equal(epochs[2][1], epochs[2][2])
 
 
 def test_a_run_records_the_decoded_path_and_learns(tiny_vit_dir, colour_folder, tmp_path):
