@@ -336,3 +336,14 @@ def test_tracker_gets_the_running_loss_every_logging_steps(tiny_vit_dir, colour_
     assert all(0 < e.value < 2 for e in losses)
     # the step-12 log is epoch 2's running mean over its 6 steps: what the history records for that epoch
     assert losses[-1].value == pytest.approx(results["history"][-1]["train_loss"], rel=1e-5)
+
+
+def test_dataloader_workers_train_to_the_same_weights(tiny_vit_dir, colour_folder, tmp_path):
+    """GPU machines default to persistent DataLoader workers: augmentation, order and caches must not depend on it."""
+    common = ["--num_epochs", "3", "--checkpoint_every_epoch", "false"]
+    w0 = run("classification", _argv(colour_folder, tiny_vit_dir, tmp_path / "w0", *common, "--num_workers", "0"))
+    w2 = run("classification", _argv(colour_folder, tiny_vit_dir, tmp_path / "w2", *common, "--num_workers", "2"))
+    # every epoch's loss, not only the saved weights: those may be the best epoch's, which can be the first
+    assert [r["train_loss"] for r in w0["history"]] == [r["train_loss"] for r in w2["history"]]
+    a, b = _weights(tmp_path / "w0"), _weights(tmp_path / "w2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
