@@ -169,6 +169,13 @@ def cases(quick: bool, compile_row: bool, gpu_case: bool = False) -> list[dict]:
         compiled = [*vit_common, "--compile", "true"]
         add(s, "hftl full compile", "hftl full", lambda o: hftl_cmd(o, *small_args, extra=compiled))
 
+    if not quick:  # the memory of full vs LoRA on a model of the size people fine-tune (ViT-B/16's shape)
+        b = "vit-base/16 (h768 L12) synthetic 64px"
+        base64 = write_vit_folder(WORK / "models" / "vit-base-64", "vit-base", 64, 4)
+        base_args = (base64, synthetic, 2, 32, 2e-4, 0.9)
+        add(b, "hftl full", None, lambda o: hftl_cmd(o, *base_args, extra=vit_common))
+        add(b, "hftl lora", "hftl full", lambda o: hftl_cmd(o, *base_args, extra=[*vit_common, "--strategy", "lora"]))
+
     if gpu_case:  # ViT-B/16 at 224 px in bf16: the GPU case (MFU in the table)
         g = GPU_CASE
         base = write_vit_folder(WORK / "models" / "vit-base", "vit-base", 224, 4)
