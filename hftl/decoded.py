@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,6 +23,7 @@ from datasets import Image as ImageFeature
 from PIL import ExifTags, Image, ImageOps
 
 from hftl.processing import ensure_rgb
+from hftl.trainer import cores_per_local_process
 
 # RandomResizedCrop's default aspect-ratio range; its narrowest crop side is sqrt(area * scale * 3/4)
 MIN_ASPECT = 3 / 4
@@ -66,7 +66,7 @@ def _open(item) -> Image.Image:
     return Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
 
 
-def decode_images(dataset, image_column: str, min_area: int, max_mb: float, threads: int | None = None):
+def decode_images(dataset, image_column: str, min_area: int, max_mb: float):
     """Decodes `dataset[image_column]` into a `DecodedImages`, or returns None when the pixels would not fit in
     `max_mb` (decided from the headers) or the column holds no encoded images."""
     if max_mb <= 0 or not len(dataset) or not isinstance(dataset.features.get(image_column), ImageFeature):
@@ -103,10 +103,8 @@ def decode_images(dataset, image_column: str, min_area: int, max_mb: float, thre
             pixels = np.asarray(image).transpose(2, 0, 1)
         buffer[offsets[index] : offsets[index] + lengths[index]] = pixels.reshape(-1)
 
-    if threads is None:  # the cores this process has: shared with the other ranks on this machine
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while decoding and resizing
+    # PIL releases the GIL while decoding and resizing
+    with ThreadPoolExecutor(cores_per_local_process()) as pool:
         start = 0
         for batch in raw.iter(batch_size=256):
             column = batch[image_column]

@@ -89,11 +89,16 @@ def default_num_workers(gpu: bool | None = None, cores: int | None = None, local
     process has, less the one that drives the GPU, at most 8, so decoding and augmentation keep up."""
     if not (torch.cuda.is_available() if gpu is None else gpu):
         return 0
+    return min(8, cores_per_local_process(cores, local_processes) - 1)
+
+
+def cores_per_local_process(cores: int | None = None, local_processes: int | None = None) -> int:
+    """The CPU cores this process may use (its affinity), shared with the other ranks on this machine."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if local_processes is None:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
-    return max(0, min(8, cores // local_processes - 1))
+    return max(1, cores // local_processes)
 
 
 def keep_freed_memory() -> bool:

@@ -124,13 +124,9 @@ class ClassificationTask:
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
         from torchvision.transforms import v2
 
-        size = processor_input_size(processor)
         mean, std = processor_mean_std(processor)
-        steps = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
-        if data_args.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        train_transform = v2.Compose(steps)
+        steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        train_transform = v2.Compose([*_random_crop_and_flip(processor, data_args), *steps])
         image_col, label_col = self.image_column, self.label_column
 
         def train_batch(batch):
@@ -159,16 +155,13 @@ class ClassificationTask:
 
         if not data_args.augment:
             return None
-        size = processor_input_size(processor)
-        min_area = crop_min_area(size, data_args.crop_scale_min)
+        min_area = crop_min_area(processor_input_size(processor), data_args.crop_scale_min)
         images = decode_images(train, self.image_column, min_area, data_args.decoded_cache_max_mb)
         if images is None:
             return None
-        steps = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
-        if data_args.hflip:
-            steps.append(v2.RandomHorizontalFlip())
         self.uint8_mean_std = processor_mean_std(processor)
-        return AugmentedDecodedSplit(images, list(train[self.label_column]), v2.Compose(steps))
+        augment = v2.Compose(_random_crop_and_flip(processor, data_args))
+        return AugmentedDecodedSplit(images, list(train[self.label_column]), augment)
 
     @staticmethod
     def deterministic_splits(data_args) -> list[str]:
@@ -256,6 +249,15 @@ class ClassificationEvaluator:
         fig.savefig(png_path, dpi=100)
         plt.close(fig)
         return [json_path, png_path]
+
+
+def _random_crop_and_flip(processor, data_args) -> list:
+    """The train augmentation both data paths draw (PIL images per epoch, or uint8 tensors decoded once)."""
+    from torchvision.transforms import v2
+
+    size = processor_input_size(processor)
+    steps = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
+    return steps + [v2.RandomHorizontalFlip()] if data_args.hflip else steps
 
 
 def _detect(features, is_kind, names, what: str, option: str) -> str:
