@@ -121,7 +121,7 @@ def write_effnet_folder(folder: Path, image_size: int) -> Path:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from hftl.bundled import EFFICIENTNET_LITE0, resolve_model
-    from hftl.processing import resize_processor
+    from hftl.modeling import resize_processor
 
     path = resolve_model(EFFICIENTNET_LITE0)
     model = AutoModelForImageClassification.from_pretrained(path)

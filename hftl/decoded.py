@@ -22,7 +22,7 @@ import torch
 from datasets import Image as ImageFeature
 from PIL import ExifTags, Image, ImageOps
 
-from hftl.processing import ensure_rgb
+from hftl.modeling import ensure_rgb
 from hftl.trainer import cores_per_local_process
 
 # RandomResizedCrop's default aspect-ratio range; its narrowest crop side is sqrt(area * scale * 3/4)

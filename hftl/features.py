@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hftl.models import Adapted
+from hftl.strategies import Adapted
 
 SUPPORTED_TASKS = ("classification",)
 

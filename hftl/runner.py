@@ -18,7 +18,7 @@ from hftl import features
 from hftl.config import RunConfig, parse_config
 from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
 from hftl.fastdata import cache_processed
-from hftl.models import apply_strategy, enable_activation_checkpointing
+from hftl.strategies import apply_strategy, enable_activation_checkpointing
 from hftl.tasks import get_task
 from hftl.trainer import evaluate, make_loader, train
 

@@ -30,7 +30,7 @@ import torchvision.transforms.v2.functional as TF
 from datasets import Dataset
 from torch import nn
 
-from hftl.processing import ensure_rgb
+from hftl.modeling import ensure_rgb
 
 # Per-severity parameters (index 0 = severity 1). Blur sigma and noise std are relative to the image side / the
 # 0..1 pixel range, so 8x8 digits and 224x224 photos get comparable damage.

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from hftl.config import TrainArgs
-from hftl.models import Adapted, optimizer_groups, set_frozen_norms_eval, snapshot_state
+from hftl.strategies import Adapted, optimizer_groups, set_frozen_norms_eval, snapshot_state
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"

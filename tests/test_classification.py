@@ -124,7 +124,7 @@ def test_layer_decay_gives_lower_rates_to_lower_layers(tiny_vit_dir):
     from transformers import AutoModelForImageClassification
 
     from hftl.config import StrategyArgs
-    from hftl.models import apply_strategy
+    from hftl.strategies import apply_strategy
     from hftl.tasks.classification import ClassificationTask
 
     model = AutoModelForImageClassification.from_pretrained(tiny_vit_dir)
@@ -179,7 +179,7 @@ def test_unknown_model_fails_before_training(local_hub, colour_folder, tmp_path)
 
 
 def test_hub_model_check_names_the_fix(local_hub, tiny_vit_dir, monkeypatch):
-    from hftl.processing import check_hub_model
+    from hftl.modeling import check_hub_model
 
     repo_id = local_hub.repo_id("vit")
     local_hub.api().create_repo(repo_id, private=True)
@@ -314,7 +314,7 @@ def test_gradient_checkpointing_recomputes_to_the_same_training(tiny_vit_dir, co
 
 
 def test_gradient_checkpointing_refuses_a_model_without_it():
-    from hftl.models import enable_activation_checkpointing
+    from hftl.strategies import enable_activation_checkpointing
 
     class NoCheckpointing(torch.nn.Module):
         supports_gradient_checkpointing = False

@@ -8,7 +8,7 @@ from PIL import Image
 
 from hftl.config import DataArgs
 from hftl.data import check_images, few_shot, load_dataset_dict, standard_splits, subsample
-from hftl.processing import ensure_rgb
+from hftl.modeling import ensure_rgb
 from hftl.tasks.classification import ClassificationTask
 
 

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
 from hftl.decoded import normalize_uint8
-from hftl.models import last_linear_named, peft_base
-from hftl.processing import (
+from hftl.modeling import (
     ensure_rgb,
     load_model_and_processor,
     processor_input_size,
     processor_mean_std,
     resize_processor,
 )
+from hftl.strategies import last_linear_named, peft_base
 
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label", "coarse_label")

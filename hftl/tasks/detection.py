@@ -18,8 +18,8 @@ import torch
 from datasets import DatasetDict
 
 from hftl.bundled import register_dataset
-from hftl.models import peft_base
-from hftl.processing import ensure_rgb, processor_mean_std
+from hftl.modeling import ensure_rgb, processor_mean_std
+from hftl.strategies import peft_base
 from hftl.tasks import detection_data as dd
 from hftl.tasks.detection_eval import DetectionEvaluator
 
@@ -83,7 +83,7 @@ class DetectionTask:
     def load_model(self, model_args, id2label: dict):
         from transformers import AutoConfig, AutoModelForObjectDetection
 
-        from hftl.processing import load_model_and_processor, resolve_model_path
+        from hftl.modeling import load_model_and_processor, resolve_model_path
 
         path = resolve_model_path(model_args.model, model_args.revision)
         common = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}

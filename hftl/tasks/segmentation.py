@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from datasets import DatasetDict
 
 from hftl.bundled import register_dataset
-from hftl.models import peft_base
-from hftl.processing import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
+from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
+from hftl.strategies import peft_base
 from hftl.tasks import segmentation_data as sd
 from hftl.tasks.segmentation_eval import SegmentationEvaluator
 
@@ -126,7 +126,7 @@ class SegmentationTask:
     def load_model(self, model_args, id2label: dict):
         from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
-        from hftl.processing import load_model_and_processor, resolve_model_path
+        from hftl.modeling import load_model_and_processor, resolve_model_path
 
         path = resolve_model_path(model_args.model, model_args.revision)
         config = AutoConfig.from_pretrained(
