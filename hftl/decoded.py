@@ -23,7 +23,7 @@ from datasets import Image as ImageFeature
 from PIL import ExifTags, Image, ImageOps
 
 from hftl.modeling import ensure_rgb
-from hftl.trainer import cores_per_local_process
+from hftl.system import cores_per_local_process
 
 # RandomResizedCrop's default aspect-ratio range; its narrowest crop side is sqrt(area * scale * 3/4)
 MIN_ASPECT = 3 / 4

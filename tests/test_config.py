@@ -66,7 +66,7 @@ def test_help_documents_every_option():
 
 
 def test_default_dataloader_workers_follow_the_hardware():
-    from hftl.trainer import default_num_workers
+    from hftl.system import default_num_workers
 
     assert default_num_workers(gpu=False, cores=64) == 0  # CPU training: the model's threads use every core
     assert default_num_workers(gpu=True, cores=16, local_processes=2) == 7
@@ -76,7 +76,7 @@ def test_default_dataloader_workers_follow_the_hardware():
 
 _FREED_MEMORY_PROBE = """
 import sys, psutil, torch
-from hftl.trainer import keep_freed_memory
+from hftl.system import keep_freed_memory
 if sys.argv[1] == "on":
     assert keep_freed_memory()
 rss = lambda: psutil.Process().memory_info().rss / 2**20

@@ -1,0 +1,43 @@
+"""What the machine gives a process: CPU cores per local rank, DataLoader workers, allocator settings.
+
+Low on purpose: data, fast paths and the trainer all import it, and it imports nothing from hftl.
+"""
+
+import ctypes
+import os
+import sys
+
+import torch
+
+
+def default_num_workers(gpu: bool | None = None, cores: int | None = None, local_processes: int | None = None) -> int:
+    """DataLoader workers when none are set. CPU-only: none, since the model's own threads already use every core
+    (a worker measured 1.02x train and 0.64x eval speed on 2 cores, bench/). With a GPU: the cores each local
+    process has, less the one that drives the GPU, at most 8, so decoding and augmentation keep up."""
+    if not (torch.cuda.is_available() if gpu is None else gpu):
+        return 0
+    return min(8, cores_per_local_process(cores, local_processes) - 1)
+
+
+def cores_per_local_process(cores: int | None = None, local_processes: int | None = None) -> int:
+    """The CPU cores this process may use (its affinity), shared with the other ranks on this machine."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    return max(1, cores // local_processes)
+
+
+def keep_freed_memory() -> bool:
+    """CPU training on glibc: keep freed blocks in the process rather than handing large ones back to the OS (mmap
+    threshold, heap trimming) and page-faulting them in again at the next step. A bare training loop measured
+    ~85 ms/step every time with this against 85-134 ms/step without it (EfficientNet-Lite0, 2 cores); ViT-small
+    +6-12%. Peak memory is unchanged; the process simply keeps it until it exits. False where not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # M_MMAP_THRESHOLD (-3) at glibc's maximum (32 MiB on 64-bit) and M_TRIM_THRESHOLD (-1) at 1 GiB
+        return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError):
+        return False
