@@ -1,4 +1,5 @@
-"""Eval-split data path with and without the processed-tensor cache (hftl/fastdata.py), in one process.
+"""Eval-split data path with and without the processed-tensor cache (hftl/fastpaths/processed_cache.py),
+in one process.
 
 Usage:
     python bench/eval_cache.py [--repeats 3]
@@ -27,7 +28,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from hftl.config import parse_config
-    from hftl.fastdata import cache_processed
+    from hftl.fastpaths.processed_cache import cache_processed
     from hftl.runner import prepare_data
     from hftl.tasks import get_task
     from hftl.trainer import make_loader

@@ -32,18 +32,22 @@ def main(argv=None) -> dict:
     # one-time import of the metric functions the evaluator uses, so it is not booked as evaluation time
     import torchmetrics.functional.classification  # noqa: F401
 
-    import hftl.decoded
-    import hftl.fastdata
-    import hftl.features
+    import hftl.fastpaths.decoded_images
+    import hftl.fastpaths.probe_features
+    import hftl.fastpaths.processed_cache
     import hftl.runner
     import hftl.trainer
 
     if args.no_eval_cache:
-        hftl.fastdata.CACHE_MAX_MB = 0
+        hftl.fastpaths.processed_cache.CACHE_MAX_MB = 0
     record = RunRecord(args.target)
     timings = {"feature_pass_seconds": None, "decode_seconds": 0.0}
 
-    train, evaluate, feature_pass = hftl.runner.train, hftl.trainer.evaluate, hftl.features.cached_linear_probe
+    train, evaluate, feature_pass = (
+        hftl.runner.train,
+        hftl.trainer.evaluate,
+        hftl.fastpaths.probe_features.cached_linear_probe,
+    )
 
     def timed_train(*a, **kw):
         record.begin()
@@ -67,8 +71,13 @@ def main(argv=None) -> dict:
         timings["decode_seconds"] += time.perf_counter() - started
         return out
 
-    decode = hftl.decoded.decode_images
-    hftl.runner.train, hftl.trainer.evaluate, hftl.features.cached_linear_probe, hftl.decoded.decode_images = (
+    decode = hftl.fastpaths.decoded_images.decode_images
+    (
+        hftl.runner.train,
+        hftl.trainer.evaluate,
+        hftl.fastpaths.probe_features.cached_linear_probe,
+        hftl.fastpaths.decoded_images.decode_images,
+    ) = (
         timed_train,
         timed_evaluate,
         timed_feature_pass,

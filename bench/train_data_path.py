@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     from transformers import ViTImageProcessor
 
     from hftl.config import parse_config
-    from hftl.decoded import normalize_uint8
+    from hftl.fastpaths.decoded_images import normalize_uint8
     from hftl.tasks import get_task
     from hftl.trainer import SeededItems, make_loader
 

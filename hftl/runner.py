@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from hftl import features
 from hftl.config import RunConfig, parse_config
 from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
-from hftl.fastdata import cache_processed
+from hftl.fastpaths import probe_features
+from hftl.fastpaths.processed_cache import cache_processed
 from hftl.strategies import apply_strategy, enable_activation_checkpointing
 from hftl.tasks import get_task
 from hftl.trainer import evaluate, make_loader, train
@@ -107,19 +107,19 @@ def run_config(task_name: str, config: RunConfig) -> dict:
 
     main_metric = config.train.metric_for_best or task.main_metric
     greater = not main_metric.endswith("loss") and getattr(task, "greater_is_better", True)
-    # --- fast paths (hftl/fastdata.py, hftl/features.py, hftl/decoded.py) ---
+    # --- fast paths (hftl/fastpaths/: processed_cache, probe_features, decoded_images) ---
     # splits whose transforms are deterministic are processed once and kept (tasks that say so)
     if hasattr(task, "deterministic_splits"):
         prepared = cache_processed(prepared, task.deterministic_splits(config.data))
     train_adapted, train_ds, eval_ds, collate = adapted, prepared["train"], prepared["validation"], task.collate
     probe, decoded = None, None
     if config.strategy.strategy == "linear-probe" and config.train.cache_features:
-        probe = features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
+        probe = probe_features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
         if probe is not None:  # the head trains on cached backbone features; adapted.model gets the trained head
             train_adapted, train_ds, eval_ds, collate = probe
     if probe is None and hasattr(task, "decoded_train_split"):
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
-        if decoded is not None:  # augmented epochs from images decoded once (hftl/decoded.py)
+        if decoded is not None:  # augmented epochs from images decoded once (hftl/fastpaths/decoded_images.py)
             train_ds = decoded
             accelerator.print(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
     # --- end fast paths ---

@@ -12,7 +12,7 @@ from sklearn.datasets import load_sample_images
 from torchvision.transforms import v2
 
 from hftl.config import parse_config
-from hftl.decoded import crop_min_area, decode_images, normalize_uint8, stored_size
+from hftl.fastpaths.decoded_images import crop_min_area, decode_images, normalize_uint8, stored_size
 from hftl.tasks import get_task
 from hftl.trainer import SeededItems, make_loader
 

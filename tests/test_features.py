@@ -1,4 +1,5 @@
-"""Linear probe on cached features (hftl/features.py): same result as running the frozen backbone every epoch."""
+"""Linear probe on cached features (hftl/fastpaths/probe_features.py): same result as running the frozen backbone
+every epoch."""
 
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hftl.features import HeadMismatch, extract_head_inputs
+from hftl.fastpaths.probe_features import HeadMismatch, extract_head_inputs
 from hftl.runner import run
 
 
@@ -84,7 +85,7 @@ def test_post_processed_head_output_is_refused():
 def test_cached_split_processes_each_row_once_and_returns_the_same_items():
     from datasets import Dataset
 
-    from hftl.fastdata import CachedSplit, cache_processed
+    from hftl.fastpaths.processed_cache import CachedSplit, cache_processed
 
     calls = []
 

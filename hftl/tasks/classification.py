@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
-from hftl.decoded import normalize_uint8
+from hftl.fastpaths.decoded_images import normalize_uint8
 from hftl.modeling import (
     ensure_rgb,
     load_model_and_processor,
@@ -147,11 +147,12 @@ class ClassificationTask:
         )
 
     def decoded_train_split(self, train, processor, data_args):
-        """The train split decoded once and augmented as uint8 tensors (hftl/decoded.py), or None when it does not
-        fit in --decoded_cache_max_mb or augmentation is off (then the processed-tensor cache serves it)."""
+        """The train split decoded once and augmented as uint8 tensors (hftl/fastpaths/decoded_images.py), or None
+        when it does not fit in --decoded_cache_max_mb or augmentation is off (then the processed-tensor cache serves
+        it)."""
         from torchvision.transforms import v2
 
-        from hftl.decoded import AugmentedDecodedSplit, crop_min_area, decode_images
+        from hftl.fastpaths.decoded_images import AugmentedDecodedSplit, crop_min_area, decode_images
 
         if not data_args.augment:
             return None
