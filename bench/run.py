@@ -103,7 +103,7 @@ def baseline_cmd(out, model, data, epochs, batch, lr, target, extra=()):
     ]
 
 
-def cases(quick: bool, compile_row: bool, gpu_case: bool = False) -> list[dict]:
+def cases(quick: bool, compile_row: bool, gpu_case: bool = False, gpu_tiny: bool = False) -> list[dict]:
     """(case, row, vs, command); `vs` names the row a ratio is taken against."""
     epochs = 1 if quick else 3
     effnet = write_effnet_folder(WORK / "models" / "effnet-64", 64)
@@ -176,16 +176,21 @@ def cases(quick: bool, compile_row: bool, gpu_case: bool = False) -> list[dict]:
         add(b, "hftl full", None, lambda o: hftl_cmd(o, *base_args, extra=vit_common))
         add(b, "hftl lora", "hftl full", lambda o: hftl_cmd(o, *base_args, extra=[*vit_common, "--strategy", "lora"]))
 
-    if gpu_case:  # ViT-B/16 at 224 px in bf16: the GPU case (MFU in the table)
+    if gpu_case:  # ViT-B/16 at 224 px in bf16: the GPU case (MFU in the table); tiny: the same rows, CPU-sized
         g = GPU_CASE
-        base = write_vit_folder(WORK / "models" / "vit-base", "vit-base", 224, 4)
-        count = {"train": 64 if quick else 512, "validation": 64, "test": 16}
-        data = str(write_synthetic_folder(WORK / "data" / f"synthetic-224-{count['train']}", 224, count))
-        base_args = (base, data, 2 if quick else 3, 64, 5e-4, 0.9)
-        bf16 = ["--image_size", "224", "--hflip", "false", "--weight_decay", "0.01", "--mixed_precision", "bf16"]
+        size, px, batch = ("vit-tiny", 32, 8) if gpu_tiny else ("vit-base", 224, 64)
+        base = write_vit_folder(WORK / "models" / f"{size}-{px}", size, px, 4)
+        count = {"train": 16, "validation": 8, "test": 8} if gpu_tiny else {"train": 64 if quick else 2048}
+        count = {"validation": 64, "test": 16, **count}
+        data = str(write_synthetic_folder(WORK / "data" / f"synthetic-{px}-{count['train']}", px, count))
+        base_args = (base, data, 1 if gpu_tiny else 2 if quick else 3, batch, 5e-4, 0.9)
+        bf16 = ["--image_size", str(px), "--hflip", "false", "--weight_decay", "0.01", "--mixed_precision", "bf16"]
         base_bf16 = ["--weight_decay", "0.01", "--bf16"]
         add(g, "baseline Trainer bf16", None, lambda o: baseline_cmd(o, base, data, *base_args[2:], extra=base_bf16))
         add(g, "hftl bf16", "baseline Trainer bf16", lambda o: hftl_cmd(o, *base_args, extra=bf16))
+        compiled = [*bf16, "--compile", "true"]
+        add(g, "hftl bf16 compile", "baseline Trainer bf16", lambda o: hftl_cmd(o, *base_args, extra=compiled))
+        add(g, "hftl bf16 lora", "hftl bf16", lambda o: hftl_cmd(o, *base_args, extra=[*bf16, "--strategy", "lora"]))
     return rows
 
 
@@ -286,6 +291,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--gpu_case", action="store_true", help="Add the ViT-B/16 224 px bf16 case (automatic with a GPU)."
     )
+    parser.add_argument(
+        "--gpu_tiny", action="store_true", help="The GPU case's rows at CPU size (gpu_check.py --dry_run)."
+    )
     parser.add_argument("--results", default=str(BENCH_DIR / "results"), help="Folder for the .json / .md results.")
     args = parser.parse_args(argv)
 
@@ -298,11 +306,12 @@ def main(argv=None) -> None:
     gpu_case = args.gpu_case or torch.cuda.is_available()
     rows = [
         r
-        for r in cases(args.quick, args.compile, gpu_case)
+        for r in cases(args.quick, args.compile, gpu_case, args.gpu_tiny)
         if not args.only or re.search(args.only, f"{r['case']}: {r['row']}")
     ]
     if any(r["case"] == GPU_CASE for r in rows):
-        mfu_reference(rows, WORK / "models" / "vit-base", 224)
+        size, px = ("vit-tiny", 32) if args.gpu_tiny else ("vit-base", 224)
+        mfu_reference(rows, WORK / "models" / f"{size}-{px}", px)
     load = os.getloadavg()[0]
     started = time.perf_counter()
     done = []

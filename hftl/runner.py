@@ -32,11 +32,16 @@ def run(task_name: str, argv: list[str] | None = None, defaults: dict | None = N
 
 def _make_accelerator(config: RunConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     train_args = config.train
     trackers = None if train_args.report_to in ("none", "", None) else train_args.report_to.split(",")
     precision = train_args.mixed_precision
+    # one process may hold several runs (a notebook, a grid, the tests): each decides its own precision and
+    # accumulation; the process group (PartialState) is kept
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(
         # without a GPU, `accelerate launch --multi_gpu` must still give one gloo process group across the ranks
         cpu=not torch.cuda.is_available(),

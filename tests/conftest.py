@@ -27,7 +27,8 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+if os.environ.get("HFTL_TEST_DEVICE") != "cuda":  # bench/gpu_check.py runs the `device` tests on the GPU
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 pytest_plugins = ["tests.fixtures.models", "tests.fixtures.data", "tests.fixtures.hub"]

@@ -95,6 +95,7 @@ def test_gradual_unfreeze_thaws_from_the_top(tiny_vit_dir, colour_folder, tmp_pa
     assert bottom in before
 
 
+@pytest.mark.device
 def test_lora_adapter_reloads_to_the_same_predictions(tiny_vit_dir, colour_folder, tmp_path):
     from peft import PeftModel
     from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -136,6 +137,7 @@ def test_layer_decay_gives_lower_rates_to_lower_layers(tiny_vit_dir):
     assert lr_of["vit.embeddings.patch_embeddings.projection.weight"] < lr_of["vit.layers.0.attention.q_proj.weight"]
 
 
+@pytest.mark.device
 def test_resume_continues_to_the_same_weights(tiny_vit_dir, colour_folder, tmp_path):
     common = ["--checkpointing_steps", "3", "--checkpoints_total_limit", "20", "--num_epochs", "2"]
     full = tmp_path / "uninterrupted"
@@ -262,6 +264,7 @@ def test_timm_checkpoint_gets_the_new_label_names(effnet_dir, tmp_path):
     assert AutoConfig.from_pretrained(tmp_path).id2label == {0: "cat", 1: "dog", 2: "emu"}
 
 
+@pytest.mark.device
 def test_channels_last_is_on_for_convnets_and_changes_only_the_memory_layout(
     tiny_resnet_dir, tiny_vit_dir, colour_folder, tmp_path
 ):
@@ -299,6 +302,7 @@ def test_lora_runs_are_decided_by_the_seed_not_by_what_ran_before(tiny_vit_dir, 
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.device
 def test_gradient_checkpointing_recomputes_to_the_same_training(tiny_vit_dir, colour_folder, tmp_path):
     """Recomputing activations in the backward pass changes memory, not the arithmetic: LoRA (frozen inputs, so
     non-reentrant checkpointing must still reach the adapters) ends where it ends without it."""
@@ -338,6 +342,7 @@ def test_tracker_gets_the_running_loss_every_logging_steps(tiny_vit_dir, colour_
     assert losses[-1].value == pytest.approx(results["history"][-1]["train_loss"], rel=1e-5)
 
 
+@pytest.mark.device
 def test_dataloader_workers_train_to_the_same_weights(tiny_vit_dir, colour_folder, tmp_path):
     """GPU machines default to persistent DataLoader workers: augmentation, order and caches must not depend on it."""
     common = ["--num_epochs", "3", "--checkpoint_every_epoch", "false"]

@@ -74,6 +74,7 @@ def test_decoded_items_match_the_per_epoch_pil_path():
     assert not torch.equal(first, decoded[0]["pixel_values"])
 
 
+@pytest.mark.device
 def test_normalize_uint8_equals_torchvision_normalize():
     pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
@@ -121,6 +122,7 @@ def test_too_large_or_turned_off_falls_back_before_decoding():
     assert decode_images(arrays, "image", 10_000, max_mb=100) is None
 
 
+@pytest.mark.device
 def test_loader_workers_give_the_same_augmented_batches_every_epoch():
     """Persistent DataLoader workers hold copies of the dataset: they must still see each new epoch's draws."""
     dataset = _dataset(_photos((48, 40), count=8))
@@ -137,6 +139,7 @@ def test_loader_workers_give_the_same_augmented_batches_every_epoch():
     assert not torch.equal(epochs[2][0], epochs[2][1]) and not torch.equal(epochs[2][1], epochs[2][2])
 
 
+@pytest.mark.device
 def test_a_run_records_the_decoded_path_and_learns(tiny_vit_dir, colour_folder, tmp_path):
     from hftl.runner import run
 

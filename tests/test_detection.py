@@ -390,6 +390,7 @@ def test_full_run_learns_and_pipeline_loads_the_output(tiny_detr_dir, big_shapes
     assert set(found[0]["box"]) == {"xmin", "ymin", "xmax", "ymax"}
 
 
+@pytest.mark.device
 @pytest.mark.slow
 def test_lora_adapter_round_trips(tiny_detr_dir, big_shapes_folder, tmp_path):
     from peft import PeftModel

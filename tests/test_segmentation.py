@@ -368,6 +368,7 @@ def test_frozen_backbone_keeps_the_timm_encoder(tiny_timm_efficientnet_dir, tmp_
     assert not torch.equal(model.decode_head.classifier.weight, torch.zeros_like(model.decode_head.classifier.weight))
 
 
+@pytest.mark.device
 @pytest.mark.slow
 def test_lora_adapter_round_trips(tiny_segformer_dir, tmp_path):
     from peft import PeftModel
