@@ -3,7 +3,8 @@
 Usage:
     bash bench/gpu_wheels.sh                 # here, with a package index: wheels of what the GPU image lacks
     python bench/gpu_check.py --install .gpu-wheels   # on the GPU machine (no index): install them, then check
-    python bench/gpu_check.py --dry_run --results /tmp/gpu-dry   # same steps at CPU size, no CUDA (tests run this)
+    python bench/gpu_check.py --dry_run --results /tmp/gpu-dry   # same steps at CPU size, no CUDA, no compile row
+                                                                 # (tests run this)
 
 Steps, each in its own subprocess under a time limit (the results files are rewritten after every step, so a step
 that runs out of time still leaves the ones before it):

@@ -58,7 +58,7 @@ def test_gpu_check_dry_run_writes_the_numbers_to_read_back(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry_run", "--results", str(tmp_path / "results")]
         + ["--work", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = (tmp_path / "results").glob("gpu-*-dry-run.json")
@@ -67,7 +67,7 @@ def test_gpu_check_dry_run_writes_the_numbers_to_read_back(tmp_path):
     assert report["steps"]["device tests"]["collected"] >= 8
     assert 0 <= report["quickstart_test_accuracy"] <= 1
     rows = report["steps"]["gpu case"]["rows"]
-    assert set(rows) == {"baseline Trainer bf16", "hftl bf16", "hftl bf16 compile", "hftl bf16 lora"}
-    assert report["train_ratio"] > 0 and report["compile_train_ratio"] > 0 and report["lora_memory_ratio"] > 0
+    assert set(rows) == {"baseline Trainer bf16", "hftl bf16", "hftl bf16 lora"}  # no compile row on the CPU
+    assert report["train_ratio"] > 0 and report["lora_memory_ratio"] > 0
     assert "train_ratio" in report and "mfu" in report  # MFU needs a GPU's bf16 peak: None on the CPU
     assert "| train images/s vs Trainer" in result.with_suffix(".md").read_text()
