@@ -6,7 +6,7 @@ them like any local checkpoint. Bundled datasets are built in memory as `dataset
 
 Other modules add datasets by registering a loader, without importing heavy code here:
 
-    register_dataset("hftl/shapes-detection", "hftl.tasks.detection:load_shapes_dataset")
+    register_dataset("hftl/shapes-detection", "hftl.tasks.detection.task:load_shapes_dataset")
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def load_digits_dataset() -> DatasetDict:
 # name -> loader returning a DatasetDict: a callable, or "module:function" imported only when that set is loaded.
 BUNDLED_DATASETS: dict[str, Callable[[], DatasetDict] | str] = {
     DIGITS: load_digits_dataset,
-    "hftl/shapes-detection": "hftl.tasks.detection_data:load_shapes_detection",
+    "hftl/shapes-detection": "hftl.tasks.detection.data:load_shapes_detection",
 }
 
 

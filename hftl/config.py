@@ -54,7 +54,7 @@ class DataArgs:
     on_bad_image: str = field(
         default="error", metadata={"help": "'error': stop naming the corrupt image; 'skip': drop it and count."}
     )
-    # semantic segmentation (hftl/tasks/segmentation.py)
+    # semantic segmentation (hftl/tasks/segmentation/task.py)
     id2label: str | None = field(
         default=None,
         metadata={"help": "Segmentation: class id → name JSON (a file, or repo_id:file in a Hub dataset repo)."},
@@ -69,7 +69,7 @@ class DataArgs:
     mask_palette: str | None = field(
         default=None, metadata={"help": "Segmentation: JSON {class: [r, g, b]} to read RGB colour masks."}
     )
-    # object detection (hftl/tasks/detection.py)
+    # object detection (hftl/tasks/detection/task.py)
     box_format: str = field(
         default="coco",
         metadata={"help": "Detection: box layout in the objects column: coco [x, y, w, h], xyxy, or cxcywh (pixels)."},

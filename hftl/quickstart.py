@@ -1,9 +1,9 @@
 """`hftl quickstart`: the whole loop offline, on the embedded defaults.
 
 Starts the local Hub endpoint in this process, seeds it with the bundled model and datasets, fine-tunes the
-bundled ImageNet EfficientNet-Lite0 on the bundled digits (recipes/configs/quickstart.yaml), pushes the result
-to the local Hub, pulls it back by repo id and predicts a few held-out digits. The caller (hftl.cli) has pointed
-HF_ENDPOINT at the local port before huggingface_hub was imported.
+bundled ImageNet EfficientNet-Lite0 on the bundled digits (recipes/configs/classification/quickstart.yaml), pushes
+the result to the local Hub, pulls it back by repo id and predicts a few held-out digits. The caller (hftl.cli) has
+pointed HF_ENDPOINT at the local port before huggingface_hub was imported.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "quickstart.yaml"
+QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "classification" / "quickstart.yaml"
 REPO_ID = "hftl/digits-efficientnet-lite0"
 
 

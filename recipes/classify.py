@@ -1,9 +1,10 @@
 """Fine-tune a pretrained image classifier.
 
 Usage:
-    accelerate launch recipes/classify.py --config recipes/configs/quickstart.yaml
+    accelerate launch recipes/classify.py --config recipes/configs/classification/quickstart.yaml
     accelerate launch recipes/classify.py --dataset beans --model google/vit-base-patch16-224-in21k --strategy lora
-    accelerate launch --multi_gpu --num_processes 2 recipes/classify.py --config recipes/configs/quickstart.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/classify.py \
+        --config recipes/configs/classification/quickstart.yaml
     python recipes/classify.py --help          # every option, with its default and help text
 
 Options come from a YAML file (--config) and are overridden by flags; see hftl/config.py.

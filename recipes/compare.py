@@ -1,7 +1,7 @@
 r"""Choosing how to transfer: backbones × strategies × label budgets × seeds, then a report with plots.
 
 Usage:
-    accelerate launch recipes/compare.py --config recipes/configs/compare-quickstart.yaml     # offline, minutes
+    accelerate launch recipes/compare.py --config recipes/configs/compare/quickstart.yaml     # offline, minutes
     accelerate launch recipes/compare.py --dataset beans \
         --models google/vit-base-patch16-224-in21k,microsoft/resnet-50 \
         --strategies linear-probe,lora,full --shots 1,5,10,all --seeds 3 --report_dir outputs/compare-beans \

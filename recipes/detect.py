@@ -1,11 +1,12 @@
 """Fine-tune a pretrained object detector (DETR, Conditional/Deformable DETR, RT-DETR, YOLOS, … or a timm backbone).
 
 Usage:
-    accelerate launch recipes/detect.py --config recipes/configs/detect-quickstart.yaml       # offline
+    accelerate launch recipes/detect.py --config recipes/configs/detection/quickstart.yaml       # offline
     accelerate launch recipes/detect.py --dataset cppe-5 --model facebook/detr-resnet-50 --strategy full
     accelerate launch recipes/detect.py --dataset path/to/coco --model facebook/detr-resnet-50 --strategy lora
         # folder: annotations.json (COCO) + images, or train/ valid/ test/ folders each holding one
-    accelerate launch --multi_gpu --num_processes 2 recipes/detect.py --config recipes/configs/detect-quickstart.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/detect.py \
+        --config recipes/configs/detection/quickstart.yaml
     python recipes/detect.py --help          # every option, with its default and help text
 
 Rows hold an image and an `objects` column {"bbox": [[x, y, w, h], ...], "category": [...]} (COCO boxes in pixels;

@@ -1,11 +1,12 @@
 """Fine-tune a pretrained semantic-segmentation model (SegFormer, UperNet, DPT, … or a timm encoder in UperNet).
 
 Usage:
-    accelerate launch recipes/segment.py --config recipes/configs/segment-quickstart.yaml       # offline
+    accelerate launch recipes/segment.py --config recipes/configs/segmentation/quickstart.yaml       # offline
     accelerate launch recipes/segment.py --dataset scene_parse_150 --model nvidia/mit-b0
     accelerate launch recipes/segment.py --dataset path/to/folder --model nvidia/mit-b0 --strategy lora
         # folder: [train|validation|test/]images/*.jpg + masks/*.png (same names, class ids) + id2label.json
-    accelerate launch --multi_gpu --num_processes 2 recipes/segment.py --config recipes/configs/segment-quickstart.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/segment.py \
+        --config recipes/configs/segmentation/quickstart.yaml
     python recipes/segment.py --help          # every option, with its default and help text
 
 Masks hold one class id per pixel. --reduce_labels true (0 = "other", ignored; k → k-1) and --ignore_index (default

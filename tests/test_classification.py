@@ -126,7 +126,7 @@ def test_layer_decay_gives_lower_rates_to_lower_layers(tiny_vit_dir):
 
     from hftl.config import StrategyArgs
     from hftl.strategies import apply_strategy
-    from hftl.tasks.classification import ClassificationTask
+    from hftl.tasks.classification.task import ClassificationTask
 
     model = AutoModelForImageClassification.from_pretrained(tiny_vit_dir)
     adapted = apply_strategy(model, ClassificationTask(), StrategyArgs(strategy="full", layer_decay=0.5), 1.0)
@@ -257,7 +257,7 @@ def test_timm_checkpoint_gets_the_new_label_names(effnet_dir, tmp_path):
     from transformers import AutoConfig
 
     from hftl.config import ModelArgs
-    from hftl.tasks.classification import ClassificationTask
+    from hftl.tasks.classification.task import ClassificationTask
 
     model, _ = ClassificationTask().load_model(ModelArgs(model=str(effnet_dir)), {0: "cat", 1: "dog", 2: "emu"})
     model.save_pretrained(tmp_path)

@@ -187,9 +187,9 @@ def test_options_are_checked_before_any_run(tmp_path):
 
 
 def test_quickstart_config_parses():
-    path = REPO / "recipes" / "configs" / "compare-quickstart.yaml"
+    path = REPO / "recipes" / "configs" / "compare" / "quickstart.yaml"
     header = path.read_text().splitlines()[:3]
-    assert any("recipes/compare.py --config recipes/configs/compare-quickstart.yaml" in line for line in header)
+    assert any("recipes/compare.py --config recipes/configs/compare/quickstart.yaml" in line for line in header)
     assert isinstance(yaml.safe_load(path.read_text()), dict)
     args, base = parse_compare_config(["--config", str(path)])
     assert base.data.dataset == "hftl/digits" and "hftl/efficientnet-lite0" in args.models

@@ -9,7 +9,7 @@ from PIL import Image
 from hftl.config import DataArgs
 from hftl.data import check_images, few_shot, load_dataset_dict, standard_splits, subsample
 from hftl.modeling import ensure_rgb
-from hftl.tasks.classification import ClassificationTask
+from hftl.tasks.classification.task import ClassificationTask
 
 
 def _images(n, size=8, seed=0):

@@ -20,9 +20,9 @@ from PIL import Image
 
 from hftl.config import DataArgs, ModelArgs
 from hftl.synthetic import SHAPE_CLASSES, make_shapes
-from hftl.tasks import detection_data as dd
-from hftl.tasks.detection import DetectionTask, apply_box_augmentation, box_augmentation
-from hftl.tasks.detection_eval import DetectionEvaluator
+from hftl.tasks.detection import data as dd
+from hftl.tasks.detection.eval import DetectionEvaluator
+from hftl.tasks.detection.task import DetectionTask, apply_box_augmentation, box_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 ID2LABEL = dict(enumerate(SHAPE_CLASSES))
@@ -126,7 +126,7 @@ def test_shapes_dataset_is_hub_style_coco(shapes):
 def test_shapes_registered_as_bundled_dataset():
     from hftl.bundled import BUNDLED_DATASETS
 
-    assert BUNDLED_DATASETS["hftl/shapes-detection"] == "hftl.tasks.detection_data:load_shapes_detection"
+    assert BUNDLED_DATASETS["hftl/shapes-detection"] == "hftl.tasks.detection.data:load_shapes_detection"
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------

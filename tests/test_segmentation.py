@@ -21,10 +21,10 @@ from PIL import Image
 
 from hftl.config import DataArgs, ModelArgs
 from hftl.synthetic import make_shapes
-from hftl.tasks import segmentation_data as sd
-from hftl.tasks.segmentation import SegmentationTask
-from hftl.tasks.segmentation_data import load_shapes_segmentation
-from hftl.tasks.segmentation_eval import SegmentationEvaluator, metrics_from_confusion
+from hftl.tasks.segmentation import data as sd
+from hftl.tasks.segmentation.data import load_shapes_segmentation
+from hftl.tasks.segmentation.eval import SegmentationEvaluator, metrics_from_confusion
+from hftl.tasks.segmentation.task import SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE_CLASSES = ("background", "circle", "square", "triangle")

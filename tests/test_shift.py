@@ -7,7 +7,7 @@ from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from hftl.shift import (
+from hftl.compare.shift import (
     CORRUPTIONS,
     adabn,
     adapted_accuracy,

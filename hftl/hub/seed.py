@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 # modules that register more bundled datasets when imported (detection / segmentation shapes)
-_DATASET_MODULES = ("hftl.tasks.detection", "hftl.tasks.segmentation")
+_DATASET_MODULES = ("hftl.tasks.detection.task", "hftl.tasks.segmentation.task")
 
 
 def bundled_dataset_names() -> list[str]:

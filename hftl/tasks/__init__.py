@@ -30,9 +30,9 @@ The shared trainer (`hftl.trainer`) talks to a task through this contract and no
 from importlib import import_module
 
 TASK_MODULES = {
-    "classification": "hftl.tasks.classification",
-    "detection": "hftl.tasks.detection",
-    "segmentation": "hftl.tasks.segmentation",
+    "classification": "hftl.tasks.classification.task",
+    "detection": "hftl.tasks.detection.task",
+    "segmentation": "hftl.tasks.segmentation.task",
 }
 
 

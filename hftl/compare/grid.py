@@ -1,18 +1,5 @@
-"""Choosing how to transfer: run a grid of backbones × strategies × label budgets × seeds, then report.
-
-Every cell is a normal hftl classification run into `<report_dir>/runs/<model>__<strategy>__<shots>__seed<k>/`.
-A cell whose `all_results.json` exists is finished and skipped, so an interrupted grid resumes where it stopped.
-The strategy name `scratch` means "full fine-tuning of the same architecture from random init" (`--from_scratch`):
-the baseline every transfer strategy has to beat, drawn on every learning-curve plot.
-
-Cells run in child processes by default, so each cell's peak memory (RSS, and CUDA when used) is its own; under a
-multi-process `accelerate launch` they run in-process, every rank stepping through the same grid.
-
-Usage:
-    accelerate launch recipes/compare.py --dataset hftl/digits --models hftl/efficientnet-lite0 \
-        --strategies linear-probe,lora,full --shots 1,5,10,all --seeds 3 --report_dir outputs/compare
-    python -m hftl.compare <cell_config.json>      # one cell (what the grid's child processes run)
-"""
+"""The grid: compare options, one run configuration per cell, and running the cells (child processes or
+in-process) with their peak memory."""
 
 from __future__ import annotations
 
@@ -28,11 +15,11 @@ from copy import deepcopy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from hftl.compare.shift import ADAPT_METHODS, CORRUPTIONS
 from hftl.config import CONFIG_CLASSES, STRATEGIES, DataArgs, HubArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
 from hftl.config import parse_config as parse_run_config
 from hftl.config import validate as validate_run_config
 from hftl.runner import RESULTS_FILE, run_config
-from hftl.shift import ADAPT_METHODS, CORRUPTIONS
 
 SCRATCH = "scratch"
 RESOURCES_FILE = "resources.json"
@@ -118,13 +105,13 @@ def shots_label(shots: int | None) -> str:
     return "all" if shots is None else str(shots)
 
 
-def _split(text: str | None) -> list[str]:
+def split_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def parse_shots(text: str) -> list[int | None]:
     values = []
-    for part in _split(text):
+    for part in split_list(text):
         if part.lower() == "all":
             values.append(None)
         elif part.isdigit() and int(part) > 0:
@@ -182,13 +169,13 @@ def _drop_config_flag(argv: list[str]) -> list[str]:
 
 
 def validate(args: CompareArgs) -> None:
-    models = _split(args.models)
+    models = split_list(args.models)
     if not models:
         raise ValueError("--models is empty; e.g. --models hftl/efficientnet-lite0,google/vit-base-patch16-224.")
     slugs = [model_slug(m) for m in models]
     if len(set(slugs)) != len(slugs):
         raise ValueError(f"--models {models} give the same folder name twice ({slugs}); rename a local folder.")
-    for strategy in _split(args.strategies):
+    for strategy in split_list(args.strategies):
         if strategy not in (*STRATEGIES, SCRATCH):
             raise ValueError(f"--strategies: unknown {strategy!r}; choose from {', '.join((*STRATEGIES, SCRATCH))}.")
     parse_shots(args.shots)
@@ -200,28 +187,28 @@ def validate(args: CompareArgs) -> None:
     for corruption in shift_corruptions(args):
         if corruption not in CORRUPTIONS:
             raise ValueError(f"--shift: unknown corruption {corruption!r}; choose from {', '.join(CORRUPTIONS)}.")
-    for severity in _split(args.shift_severities):
+    for severity in split_list(args.shift_severities):
         if not (severity.isdigit() and 1 <= int(severity) <= 5):
             raise ValueError(f"--shift_severities: {severity!r} is not a severity 1..5.")
-    for method in _split(args.adapt):
+    for method in split_list(args.adapt):
         if method not in ADAPT_METHODS:
             raise ValueError(f"--adapt: unknown {method!r}; choose from {', '.join(ADAPT_METHODS)}.")
     strategy_options(args)
-    if args.shift_cells not in ("best", "all") and not set(_split(args.shift_cells)) <= {*STRATEGIES, SCRATCH}:
+    if args.shift_cells not in ("best", "all") and not set(split_list(args.shift_cells)) <= {*STRATEGIES, SCRATCH}:
         raise ValueError("--shift_cells must be 'best', 'all', or a comma list of strategies (e.g. full,lora).")
 
 
 def shift_corruptions(args: CompareArgs) -> list[str]:
-    return [] if (args.shift or "none").lower() == "none" else _split(args.shift)
+    return [] if (args.shift or "none").lower() == "none" else split_list(args.shift)
 
 
 def grid(args: CompareArgs) -> list[Cell]:
-    strategies = _split(args.strategies)
+    strategies = split_list(args.strategies)
     if args.scratch_baseline and SCRATCH not in strategies:
         strategies.append(SCRATCH)
     return [
         Cell(model, strategy, shots, k)
-        for model in _split(args.models)
+        for model in split_list(args.models)
         for strategy in strategies
         for shots in parse_shots(args.shots)
         for k in range(args.seeds)
@@ -307,7 +294,7 @@ def run_cell_subprocess(config: RunConfig, run_dir: Path) -> None:
     config_path.write_text(json.dumps(config.to_dict(), indent=2))
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
     }
     with open(run_dir / LOG_FILE, "w") as log:
         code = subprocess.call(
@@ -361,23 +348,3 @@ def _write_resources(run_dir: Path, peak_rss_mb: float, how: str) -> None:
         tmp = run_dir / f".{RESOURCES_FILE}.tmp"
         tmp.write_text(json.dumps(values))
         os.replace(tmp, run_dir / RESOURCES_FILE)
-
-
-def compare(argv: list[str] | None = None, defaults: dict | None = None) -> dict:
-    """The recipe: parse, run the grid, evaluate under shift, write (and push) the report. Returns the summary."""
-    from hftl.report import write_report
-
-    args, base = parse_compare_config(argv, defaults)
-    run_dirs = run_grid(args, base)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return {}
-    summary = write_report(args, run_dirs)
-    if args.push_report:
-        from hftl.report import push_report
-
-        print(f"report pushed: {push_report(Path(args.report_dir) / 'report', args.push_report)}")
-    return summary
-
-
-if __name__ == "__main__":
-    run_cell_file(sys.argv[1])

@@ -9,147 +9,39 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
-from collections import defaultdict
 from pathlib import Path
 
-from hftl.runner import RESULTS_FILE
-
-SCRATCH = "scratch"
-# strategies that train every BatchNorm layer, so its running statistics describe the training data
-BN_TRAINING_STRATEGIES = ("full", "gradual-unfreeze")
-LEADERBOARD_COLUMNS = [
-    "model", "strategy", "shots", "labels_per_class", "seeds", "accuracy_mean", "accuracy_std", "f1_macro_mean",
-    "f1_macro_std", "trainable_parameters", "total_parameters", "train_seconds_mean", "peak_rss_mb", "peak_cuda_mb",
-]  # fmt: skip
-
-
-def load_cell(run_dir: Path) -> dict:
-    """One finished cell, flattened: what the leaderboard aggregates."""
-    results = json.loads((run_dir / RESULTS_FILE).read_text())
-    config = results["config"]
-    resources_path = run_dir / "resources.json"
-    resources = json.loads(resources_path.read_text()) if resources_path.is_file() else {}
-    shots = config["data"]["shots"]
-    return {
-        "run_dir": str(run_dir),
-        "model": results["model"],
-        "strategy": SCRATCH if config["model"].get("from_scratch") else results["strategy"],
-        "shots": "all" if shots is None else str(shots),
-        "labels_per_class": results["num_samples"]["train"] / len(results["labels"]),
-        "seed": config["train"]["seed"],
-        "accuracy": results["test"]["accuracy"],
-        "f1_macro": results["test"]["f1_macro"],
-        "trainable_parameters": results["trainable_parameters"],
-        "total_parameters": results["total_parameters"],
-        "train_seconds": results["train"]["seconds"],
-        "peak_rss_mb": resources.get("peak_rss_mb"),
-        "peak_cuda_mb": resources.get("peak_cuda_mb"),
-        "dataset": results["dataset"],
-        "hardware": results.get("hardware", ""),
-    }
-
-
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _max_or_none(values):
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
-
-
-def aggregate(cells: list[dict]) -> list[dict]:
-    """One row per (model, strategy, shots): mean and sample std (n − 1) over seeds."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for cell in cells:
-        groups[(cell["model"], cell["strategy"], cell["shots"])].append(cell)
-    rows = []
-    for (model, strategy, shots), members in groups.items():
-        accuracy = [m["accuracy"] for m in members]
-        f1 = [m["f1_macro"] for m in members]
-        rows.append({
-            "model": model,
-            "strategy": strategy,
-            "shots": shots,
-            "labels_per_class": statistics.mean(m["labels_per_class"] for m in members),
-            "seeds": len(members),
-            "accuracy_mean": statistics.mean(accuracy),
-            "accuracy_std": _std(accuracy),
-            "f1_macro_mean": statistics.mean(f1),
-            "f1_macro_std": _std(f1),
-            "trainable_parameters": max(m["trainable_parameters"] for m in members),
-            "total_parameters": max(m["total_parameters"] for m in members),
-            "train_seconds_mean": statistics.mean(m["train_seconds"] for m in members),
-            "peak_rss_mb": _max_or_none(m["peak_rss_mb"] for m in members),
-            "peak_cuda_mb": _max_or_none(m["peak_cuda_mb"] for m in members),
-            "run_dirs": sorted(m["run_dir"] for m in members),
-        })  # fmt: skip
-    return sorted(rows, key=lambda r: (_shots_order(r["shots"]), -r["accuracy_mean"]))
-
-
-def _shots_order(shots: str) -> float:
-    return float("inf") if shots == "all" else float(shots)
-
-
-def recommend(rows: list[dict], budget_seconds: float | None, budget_params: int | None) -> dict:
-    """Per label budget: the most accurate row whose mean train time and trainable parameters fit the budgets."""
-    out = {}
-    for shots in sorted({r["shots"] for r in rows}, key=_shots_order):
-        candidates = [r for r in rows if r["shots"] == shots]
-        fitting = [
-            r for r in candidates
-            if (budget_seconds is None or r["train_seconds_mean"] <= budget_seconds)
-            and (budget_params is None or r["trainable_parameters"] <= budget_params)
-        ]  # fmt: skip
-        best = max(fitting, key=lambda r: r["accuracy_mean"]) if fitting else None
-        out[shots] = {"best": best, "fits": len(fitting), "of": len(candidates)}
-    return out
-
-
-def pretrained_vs_scratch(rows: list[dict]) -> list[dict]:
-    """For each model and label budget: the best transfer strategy against the from-scratch baseline."""
-    out = []
-    for (model, shots), members in _group(rows, ("model", "shots")).items():
-        scratch = next((r for r in members if r["strategy"] == SCRATCH), None)
-        transfer = [r for r in members if r["strategy"] != SCRATCH]
-        if scratch is None or not transfer:
-            continue
-        best = max(transfer, key=lambda r: r["accuracy_mean"])
-        out.append({
-            "model": model, "shots": shots, "best_strategy": best["strategy"],
-            "pretrained_accuracy": best["accuracy_mean"], "pretrained_std": best["accuracy_std"],
-            "scratch_accuracy": scratch["accuracy_mean"], "scratch_std": scratch["accuracy_std"],
-            "gain": best["accuracy_mean"] - scratch["accuracy_mean"],
-        })  # fmt: skip
-    return sorted(out, key=lambda r: (r["model"], _shots_order(r["shots"])))
-
-
-def _group(rows: list[dict], keys: tuple) -> dict:
-    groups = defaultdict(list)
-    for row in rows:
-        groups[tuple(row[k] for k in keys)].append(row)
-    return groups
-
+from hftl.compare.aggregate import (
+    BN_TRAINING_STRATEGIES,
+    LEADERBOARD_COLUMNS,
+    aggregate,
+    group,
+    load_cell,
+    pretrained_vs_scratch,
+    recommend,
+    shots_order,
+)
+from hftl.compare.grid import config_from_dict, shift_corruptions, split_list
+from hftl.compare.shift import evaluate_shift
+from hftl.runner import RESULTS_FILE, prepare_data
+from hftl.tasks import get_task
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shift evaluation of chosen cells
 
 
 def shift_evaluation(args, rows: list[dict], recommendation: dict) -> list[dict]:
-    from hftl.compare import _split, shift_corruptions
-
-    corruptions, extra = shift_corruptions(args), _split(args.eval_datasets)
+    corruptions, extra = shift_corruptions(args), split_list(args.eval_datasets)
     if not corruptions and not extra:
         return []
-    top = max(rows, key=lambda r: _shots_order(r["shots"]))["shots"]
+    top = max(rows, key=lambda r: shots_order(r["shots"]))["shots"]
     at_top = [r for r in rows if r["shots"] == top]
     best = recommendation.get(top, {}).get("best")
     chosen = [best] if best else []
     if args.shift_cells == "all":
         chosen = at_top
     elif args.shift_cells != "best":  # strategies: the best model for each (and the overall best)
-        for strategy in _split(args.shift_cells):
+        for strategy in split_list(args.shift_cells):
             mine = [r for r in at_top if r["strategy"] == strategy and r is not best]
             chosen += [max(mine, key=lambda r: r["accuracy_mean"])] if mine else []
     out = []
@@ -170,16 +62,12 @@ def shift_evaluation(args, rows: list[dict], recommendation: dict) -> list[dict]
 
 def _shift_for_run(args, run_dir: Path, corruptions: list[str], extra: list[str]) -> list[dict]:
     """Cached in the run folder as shift_results.json, keyed by the settings that produced it."""
-    from hftl.compare import _split, config_from_dict
-    from hftl.runner import prepare_data
-    from hftl.shift import evaluate_shift
-    from hftl.tasks import get_task
 
     settings = {
         "version": 2,  # bump when what is evaluated changes, so cached results are recomputed
         "corruptions": corruptions,
-        "severities": _split(args.shift_severities),
-        "methods": _split(args.adapt),
+        "severities": split_list(args.shift_severities),
+        "methods": split_list(args.adapt),
         "eval_datasets": extra,
     }
     cache = run_dir / "shift_results.json"
@@ -228,9 +116,6 @@ def _eval_dataset(config, dataset: str, names: list[str], image_column: str, lab
 
     from datasets import ClassLabel
 
-    from hftl.runner import prepare_data
-    from hftl.tasks import get_task
-
     other = deepcopy(config)
     other.data.dataset, other.data.shots, other.data.image_column, other.data.label_column = dataset, None, None, None
     task = get_task("classification", other)
@@ -252,7 +137,7 @@ def _eval_dataset(config, dataset: str, names: list[str], image_column: str, lab
 
 
 def write_report(args, run_dirs: list[Path]) -> dict:
-    from hftl.report_plots import plot_learning_curves, plot_scatter, plot_shift
+    from hftl.compare.plots import plot_learning_curves, plot_scatter, plot_shift
 
     report = Path(args.report_dir) / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -339,7 +224,7 @@ def _budget_text(args) -> str:
 def recommendation_line(recommendation: dict, args) -> str:
     if not recommendation:
         return "Recommendation: no finished cells."
-    shots = max(recommendation, key=_shots_order)
+    shots = max(recommendation, key=shots_order)
     entry = recommendation[shots]
     if entry["best"] is None:
         return f"Recommendation ({_budget_text(args)}, shots {shots}): no cell fits; relax the budget."
@@ -363,7 +248,7 @@ def report_markdown(summary: dict, args) -> str:
         "## Best cell per label budget", "",
         "| shots | best (within budget) | test accuracy | train s | trainable params |", "|---|---|---|---|---|",
     ]  # fmt: skip
-    for shots, entry in sorted(summary["recommendation"].items(), key=lambda kv: _shots_order(kv[0])):
+    for shots, entry in sorted(summary["recommendation"].items(), key=lambda kv: shots_order(kv[0])):
         best = entry["best"]
         if best is None:
             lines.append(f"| {shots} | none fits | – | – | – |")
@@ -397,7 +282,7 @@ def report_markdown(summary: dict, args) -> str:
 def shift_markdown(shift_rows: list[dict]) -> str:
     """One table per shift-evaluated run: rows = target × severity, columns = adaptation methods."""
     out = []
-    for (model, strategy, shots), members in _group(shift_rows, ("model", "strategy", "shots")).items():
+    for (model, strategy, shots), members in group(shift_rows, ("model", "strategy", "shots")).items():
         methods = list(dict.fromkeys(r["method"] for r in members))
         skipped = members[0].get("skipped") or []
         out.append(
@@ -407,7 +292,7 @@ def shift_markdown(shift_rows: list[dict]) -> str:
         )
         out.append("| target | severity | " + " | ".join(methods) + " |")
         out.append("|---|---|" + "---|" * len(methods))
-        for (target, severity), cells in _group(members, ("target", "severity")).items():
+        for (target, severity), cells in group(members, ("target", "severity")).items():
             by_method = {c["method"]: c for c in cells}
             # + 0.0 turns a -0.0 change into 0.0
             values = [

@@ -16,11 +16,11 @@ from datasets import DatasetDict
 from hftl.bundled import register_dataset
 from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
 from hftl.strategies import peft_base
-from hftl.tasks import segmentation_data as sd
-from hftl.tasks.segmentation_eval import SegmentationEvaluator
+from hftl.tasks.segmentation import data as sd
+from hftl.tasks.segmentation.eval import SegmentationEvaluator
 
 SHAPES_DATASET = "hftl/shapes-segmentation"
-register_dataset(SHAPES_DATASET, "hftl.tasks.segmentation_data:load_shapes_segmentation")
+register_dataset(SHAPES_DATASET, "hftl.tasks.segmentation.data:load_shapes_segmentation")
 
 # Class names and label conventions of known datasets, applied only when the user sets neither.
 KNOWN_DATASETS = {
@@ -133,7 +133,7 @@ class SegmentationTask:
             path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code
         )
         if config.model_type == "timm_wrapper":
-            from hftl.tasks.segmentation_models import upernet_from_timm
+            from hftl.tasks.segmentation.models import upernet_from_timm
 
             model, processor = upernet_from_timm(path, config, id2label, UPERNET_HIDDEN_SIZE, self.ignore_index)
         else:

@@ -20,13 +20,13 @@ from datasets import DatasetDict
 from hftl.bundled import register_dataset
 from hftl.modeling import ensure_rgb, processor_mean_std
 from hftl.strategies import peft_base
-from hftl.tasks import detection_data as dd
-from hftl.tasks.detection_eval import DetectionEvaluator
+from hftl.tasks.detection import data as dd
+from hftl.tasks.detection.eval import DetectionEvaluator
 
 logger = logging.getLogger(__name__)
 
 SHAPES_DATASET = "hftl/shapes-detection"
-register_dataset(SHAPES_DATASET, "hftl.tasks.detection_data:load_shapes_detection")
+register_dataset(SHAPES_DATASET, "hftl.tasks.detection.data:load_shapes_detection")
 
 # LoRA targets: the first tier whose names exist outside the heads wins. Attention projections in DETR,
 # Conditional DETR, RT-DETR (q/v_proj); YOLOS (ViT query/value); Deformable attention's value/output projections.
@@ -93,7 +93,7 @@ class DetectionTask:
             config = None  # load_model_and_processor raises the explanatory error
         image_size = self.config.data.image_size if self.config is not None else None
         if config is not None and config.model_type == "timm_wrapper":
-            from hftl.tasks.detection_models import detector_from_timm
+            from hftl.tasks.detection.models import detector_from_timm
 
             model, processor = detector_from_timm(path, config, id2label, image_size)
         else:

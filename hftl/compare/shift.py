@@ -14,7 +14,7 @@ Both need BatchNorm layers (CNNs: ResNet, EfficientNet, ConvNeXt does not); a mo
 "not applicable" rather than silently unchanged.
 
 Usage:
-    from hftl.shift import evaluate_shift
+    from hftl.compare.shift import evaluate_shift
     rows = evaluate_shift("outputs/run", test_dataset, "image", "label", ["blur", "noise"], [1, 3], ["adabn"])
 """
 

@@ -9,12 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SCRATCH = "scratch"
+from hftl.compare.aggregate import shots_order  # noqa: E402
+from hftl.compare.grid import SCRATCH  # noqa: E402
+
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-
-
-def _shots_order(shots: str) -> float:
-    return float("inf") if shots == "all" else float(shots)
 
 
 def _save(fig, path: Path) -> Path:
@@ -27,7 +25,7 @@ def _save(fig, path: Path) -> Path:
 def plot_scatter(rows: list[dict], x_key: str, x_label: str, path: Path) -> Path:
     """Test accuracy (mean ± std over seeds) against a cost, at the largest label budget: colour = model,
     marker = strategy."""
-    top = max((r["shots"] for r in rows), key=_shots_order)
+    top = max((r["shots"] for r in rows), key=shots_order)
     chosen = [r for r in rows if r["shots"] == top]
     models = sorted({r["model"] for r in chosen})
     strategies = sorted({r["strategy"] for r in chosen})

@@ -1,0 +1,1 @@
+"""The classification task: `task.py` holds the hooks the runner calls."""

@@ -1,0 +1,1 @@
+"""The detection task: `task.py` holds the hooks the runner calls; data, eval and models what they need."""
