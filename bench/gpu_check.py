@@ -106,9 +106,7 @@ def device_tests(dry_run: bool, work: Path, env: dict) -> dict:
 
 
 def quickstart(dry_run: bool, work: Path, env: dict) -> dict:
-    config = next(iter(sorted(REPO.glob("recipes/configs/**/quickstart.yaml"))), None)
-    if config is None:
-        raise ValueError("recipes/configs/**/quickstart.yaml not found")
+    config = REPO / "recipes/configs/classification/quickstart.yaml"
     out_dir = work / "quickstart-bf16"
     command = [PYTHON, "-m", "accelerate.commands.launch", "--num_processes", "1", str(REPO / "recipes/classify.py")]
     command += ["--config", str(config), "--mixed_precision", "bf16", "--output_dir", str(out_dir)]
