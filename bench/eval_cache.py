@@ -36,8 +36,8 @@ def main(argv=None) -> dict:
     model = write_effnet_folder(WORK / "models" / "effnet-64", 64)
     config = parse_config(["--dataset", "hftl/digits", "--model", str(model), "--image_size", "64"])
     task = get_task("classification", config)
-    dsd, names = prepare_data(task, config)
-    _, processor = task.load_model(config.model, dict(enumerate(names)))
+    dsd, spec = prepare_data(task, config)
+    _, processor = task.load_model(config.model, spec.id2label)
     plain = task.prepare(dsd, processor, config.data)["validation"]
     cached = cache_processed({"validation": plain}, ["validation"])["validation"]
 

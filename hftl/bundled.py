@@ -6,7 +6,7 @@ them like any local checkpoint. Bundled datasets are built in memory as `dataset
 
 Other modules add datasets by registering a loader, without importing heavy code here:
 
-    register_dataset("hftl/shapes-detection", "hftl.tasks.detection.task:load_shapes_dataset")
+    register_dataset("hftl/shapes-detection", "hftl.tasks.detection.data:load_shapes_detection")
 """
 
 from __future__ import annotations

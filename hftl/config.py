@@ -6,6 +6,7 @@ override it (`--learning_rate 1e-4` and `--learning-rate 1e-4` both work).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -200,6 +201,7 @@ class HubArgs:
 
 
 CONFIG_CLASSES = (DataArgs, ModelArgs, StrategyArgs, TrainArgs, HubArgs)
+GROUPS = ("data", "model", "strategy", "train", "hub")  # RunConfig's fields, in CONFIG_CLASSES order
 
 
 @dataclass
@@ -211,7 +213,23 @@ class RunConfig:
     hub: HubArgs
 
     def to_dict(self) -> dict:
-        return {group: vars(getattr(self, group)).copy() for group in ("data", "model", "strategy", "train", "hub")}
+        return {group: vars(getattr(self, group)).copy() for group in GROUPS}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        """The inverse of `to_dict` (e.g. the `config` a run wrote into its results file)."""
+        return cls(*(group_cls(**values[group]) for group, group_cls in zip(GROUPS, CONFIG_CLASSES, strict=True)))
+
+
+def config_file_values(parser, argv: list[str], defaults: dict | None = None) -> dict:
+    """Adds `--config` to `parser`; returns the recipe's defaults updated by that YAML file's options, which the
+    caller hands to `parser.set_defaults` so that command-line flags still win."""
+    parser.add_argument("--config", default=None, help="YAML file of options; command-line flags override it.")
+    # a parser of its own, so that --help and the other options are left to `parser`
+    only_config = argparse.ArgumentParser(add_help=False)
+    only_config.add_argument("--config", default=None)
+    path = only_config.parse_known_args(argv)[0].config
+    return {**(defaults or {}), **(_read_yaml(path) if path else {})}
 
 
 def _read_yaml(path: str) -> dict:
@@ -239,12 +257,8 @@ def parse_config(argv: list[str] | None = None, defaults: dict | None = None) ->
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(CONFIG_CLASSES)
-    parser.add_argument("--config", default=None, help="YAML file of options; command-line flags override it.")
     known = {f.name: f.type for cls in CONFIG_CLASSES for f in fields(cls)}
-    merged = dict(defaults or {})
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        merged.update(_read_yaml(pre.config))
+    merged = config_file_values(parser, argv, defaults)
     _check_values(merged, known)
     parser.set_defaults(**merged)
     # returns the dataclasses, a namespace holding --config, and the unparsed strings

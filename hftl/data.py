@@ -15,8 +15,22 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from datasets import Image as ImageFeature
 from PIL import Image, UnidentifiedImageError
 
+# conventional names of the image column, in the order they are preferred when a dataset has several
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
+# each row's number before any subsampling: an image id where the data has none, and a row to name in errors
+ROW_COLUMN = "hftl_row"
 VALIDATION_NAMES = ("validation", "valid", "val", "dev", "eval")
 TEST_NAMES = ("test", "testing")
+
+
+def add_row_numbers(dsd: DatasetDict) -> DatasetDict:
+    """Adds the `ROW_COLUMN` to every split that lacks it."""
+    return DatasetDict(
+        {
+            split: ds if ROW_COLUMN in ds.column_names else ds.add_column(ROW_COLUMN, list(range(len(ds))))
+            for split, ds in dsd.items()
+        }
+    )
 
 
 def load_dataset_dict(data_args, task) -> DatasetDict:

@@ -13,12 +13,7 @@ import json
 import os
 from pathlib import Path
 
-TASKS = ("image-classification", "object-detection", "image-segmentation")
-_AUTO_CLASSES = {
-    "image-classification": "AutoModelForImageClassification",
-    "object-detection": "AutoModelForObjectDetection",
-    "image-segmentation": "AutoModelForSemanticSegmentation",
-}
+from hftl.outputs import RESULTS_FILE
 
 
 class ModelNotAvailable(RuntimeError):
@@ -99,77 +94,36 @@ def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
 
 
 def infer_task(model: str, token=None) -> str:
-    """The pipeline task of a model: all_results.json's pipeline_tag (hftl runs), else the architecture."""
-    results = read_json(model, "all_results.json", token)
-    if results and results.get("pipeline_tag") in TASKS:
+    """The pipeline task of a model: all_results.json's pipeline_tag (hftl runs), else the builder's answer (card,
+    then architecture)."""
+    from hftl.spaces import builder
+
+    results = read_json(model, RESULTS_FILE, token)
+    if results and results.get("pipeline_tag") in builder.TASKS:
         return results["pipeline_tag"]
-    config = read_json(model, "config.json", token) or {}
-    for architecture in config.get("architectures") or []:
-        if architecture.endswith("ForObjectDetection"):
-            return "object-detection"
-        if "Segmentation" in architecture:
-            return "image-segmentation"
-    return "image-classification"
+    return builder.infer_task(model, token)
 
 
 def load_pipeline(model: str, task: str | None = None, token=None):
-    """A transformers pipeline for `model`; bundled names resolve to their offline folder, adapters go via PEFT."""
+    """A transformers pipeline for `model`, loaded the way the demo Space loads it (hftl/spaces/builder.py); bundled
+    names resolve to their offline folder, adapters go via PEFT."""
     from hftl.bundled import resolve_model
+    from hftl.spaces import builder
 
     model = resolve_model(model)
     if not Path(model).is_dir():
         go_offline_if_unreachable()
-    # Hub look-ups first: an unreachable Hub is reported before the heavy imports
-    adapter = read_json(model, "adapter_config.json", token)
+    # Hub look-ups first, through read_json: an unreachable Hub or a wrong id fails with the fix in the message
+    read_json(model, "adapter_config.json", token)
     task = task or infer_task(model, token)
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
-    import torch
-    from transformers import pipeline
-
-    device = 0 if torch.cuda.is_available() else -1
+    if task not in builder.TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(builder.TASKS)}.")
     try:
-        if adapter is not None:
-            model_obj, processor = _load_adapter(model, adapter, task, token)
-            return pipeline(task, model=model_obj, image_processor=processor, device=device)
-        return pipeline(task, model=model, token=token, device=device)
+        return builder.load_pipeline(model, task, token)
     except OSError as error:  # transformers wraps hub connection failures in OSError
         if "connect" in str(error).lower() or "cache" in str(error).lower():
             raise ModelNotAvailable(_offline_message(model, error)) from error
         raise
-
-
-def _load_adapter(model: str, adapter: dict, task: str, token=None):
-    import transformers
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoImageProcessor
-
-    from hftl.bundled import resolve_model
-
-    base = resolve_model(adapter["base_model_name_or_path"])
-    auto_class = getattr(transformers, _AUTO_CLASSES[task])
-    if read_json(model, "config.json", token) is not None:
-        # the fine-tuned config: labels of the adapter's head; the base's head is replaced by the adapter's
-        config = AutoConfig.from_pretrained(model, token=token)
-    else:
-        config = AutoConfig.from_pretrained(base, token=token)
-        labels = _run_labels(model, token)
-        if labels:
-            config.id2label = dict(enumerate(labels))
-            config.label2id = {label: i for i, label in enumerate(labels)}
-    base_model = auto_class.from_pretrained(base, config=config, ignore_mismatched_sizes=True, token=token)
-    merged = PeftModel.from_pretrained(base_model, model, token=token).merge_and_unload().eval()
-    has_processor = read_json(model, "preprocessor_config.json", token) is not None
-    processor = AutoImageProcessor.from_pretrained(model if has_processor else base, token=token)
-    return merged, processor
-
-
-def _run_labels(model: str, token=None) -> list[str] | None:
-    """Labels from the run's all_results.json: in the repo, or for a local `output_dir/adapter`, one folder up."""
-    results = read_json(model, "all_results.json", token)
-    if results is None and Path(model).is_dir():
-        results = read_json(str(Path(model).resolve().parent), "all_results.json")
-    return (results or {}).get("labels")
 
 
 def _check_images(images: list[str]) -> None:

@@ -5,7 +5,6 @@ Recipes call `run(task_name)`; tests call it with an argv list.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -13,16 +12,16 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from datasets import DatasetDict
 
 from hftl.config import RunConfig, parse_config
 from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
 from hftl.fastpaths import probe_features
 from hftl.fastpaths.processed_cache import cache_processed
+from hftl.outputs import save_model, write_results
 from hftl.strategies import apply_strategy, enable_activation_checkpointing
-from hftl.tasks import get_task
+from hftl.tasks import DataSpec, Task, get_task
 from hftl.trainer import evaluate, make_loader, train
-
-RESULTS_FILE = "all_results.json"
 
 
 def run(task_name: str, argv: list[str] | None = None, defaults: dict | None = None) -> dict:
@@ -67,18 +66,17 @@ def _check_output_dir(config: RunConfig) -> None:
         )
 
 
-def prepare_data(task, config: RunConfig):
-    """Loads and checks the dataset; returns (DatasetDict with train/validation/test, label names)."""
+def prepare_data(task: Task, config: RunConfig) -> tuple[DatasetDict, DataSpec]:
+    """Loads and checks the dataset; returns (DatasetDict with train/validation/test, what the task found in it)."""
     data_args, seed = config.data, config.train.seed
     dsd = load_dataset_dict(data_args, task)
     dsd = standard_splits(dsd, data_args, seed, stratify_column=data_args.label_column or "label")
-    names = task.label_names(dsd, data_args)
-    if hasattr(task, "encode_labels"):
-        dsd = task.encode_labels(dsd, names)
-    dsd = subsample(dsd, data_args, seed, getattr(task, "label_column", None))
-    if getattr(task, "image_column", None):
-        dsd = check_images(dsd, task.image_column, data_args.on_bad_image)
-    return dsd, names
+    spec = task.data_spec(dsd, data_args)
+    dsd = task.encode_labels(dsd, spec.label_names)
+    dsd = subsample(dsd, data_args, seed, spec.label_column)
+    if spec.image_column:
+        dsd = check_images(dsd, spec.image_column, data_args.on_bad_image)
+    return dsd, spec
 
 
 def run_config(task_name: str, config: RunConfig) -> dict:
@@ -87,8 +85,8 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     accelerator = _make_accelerator(config)
     task = get_task(task_name, config)
     with accelerator.main_process_first():
-        dsd, names = prepare_data(task, config)
-    id2label = dict(enumerate(names))
+        dsd, spec = prepare_data(task, config)
+    names, id2label = spec.label_names, spec.id2label
     accelerator.print(
         f"data: {config.data.dataset}: {len(names)} classes; "
         + ", ".join(f"{split} {len(ds)}" for split, ds in dsd.items())
@@ -111,18 +109,17 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         accelerator.init_trackers("hftl", config=_flat_hparams(config))
 
     main_metric = config.train.metric_for_best or task.main_metric
-    greater = not main_metric.endswith("loss") and getattr(task, "greater_is_better", True)
+    greater = not main_metric.endswith("loss") and task.greater_is_better
     # --- fast paths (hftl/fastpaths/: processed_cache, probe_features, decoded_images) ---
     # splits whose transforms are deterministic are processed once and kept (tasks that say so)
-    if hasattr(task, "deterministic_splits"):
-        prepared = cache_processed(prepared, task.deterministic_splits(config.data))
+    prepared = cache_processed(prepared, task.deterministic_splits(config.data))
     train_adapted, train_ds, eval_ds, collate = adapted, prepared["train"], prepared["validation"], task.collate
     probe, decoded = None, None
     if config.strategy.strategy == "linear-probe" and config.train.cache_features:
         probe = probe_features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
         if probe is not None:  # the head trains on cached backbone features; adapted.model gets the trained head
             train_adapted, train_ds, eval_ds, collate = probe
-    if probe is None and hasattr(task, "decoded_train_split"):
+    if probe is None:
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
         if decoded is not None:  # augmented epochs from images decoded once (hftl/fastpaths/decoded_images.py)
             train_ds = decoded
@@ -179,9 +176,9 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     if accelerator.is_main_process:
         out = Path(config.train.output_dir)
         test_evaluator.save_artifacts(out, "test")
-        save_model(model, processor, config, out)
+        save_model(model, processor, config.model.model, config.strategy.merge_lora, out)
         results["run_seconds"] = round(time.perf_counter() - started, 2)
-        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+        write_results(out, results)
         accelerator.print(f"saved {out}  (run {results['run_seconds']:.1f}s)")
     accelerator.wait_for_everyone()
     if config.train.report_to not in ("none", "", None):
@@ -205,24 +202,6 @@ def random_init(model, seed: int):
         )
         fresh.timm_model.load_state_dict(native.state_dict())
     return fresh
-
-
-def save_model(model, processor, config: RunConfig, out: Path) -> None:
-    """A standard Hugging Face folder; LoRA runs also keep the adapter (in `adapter/`), merged by option."""
-    model.to(memory_format=torch.contiguous_format)  # trained in channels_last or not, saved in the standard layout
-    if hasattr(model, "peft_config"):
-        for peft_config in model.peft_config.values():
-            # record the id the user named, not the local cache path it resolved to
-            peft_config.base_model_name_or_path = config.model.model
-        model.save_pretrained(out / "adapter")
-        processor.save_pretrained(out / "adapter")
-        # PEFT writes no config.json: keep the label names (id2label) the new head was trained with
-        model.get_base_model().config.save_pretrained(out / "adapter")
-        if not config.strategy.merge_lora:
-            return
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
 
 
 def publish(config: RunConfig, results: dict) -> None:

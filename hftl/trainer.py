@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from hftl.config import TrainArgs
+from hftl.outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR
 from hftl.strategies import Adapted, optimizer_groups, set_frozen_norms_eval, snapshot_state
 from hftl.system import default_num_workers, keep_freed_memory
 
-CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 
 
@@ -100,7 +100,7 @@ def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (those holding the state file, written last), oldest first."""
-    root = Path(output_dir) / "checkpoints"
+    root = Path(output_dir) / CHECKPOINTS_DIR
     found = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
 
@@ -118,7 +118,7 @@ def resolve_checkpoint(spec: str | None, output_dir: str) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: str, limit: int, extra: dict) -> None:
-    root = Path(output_dir) / "checkpoints"
+    root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"{CHECKPOINT_PREFIX}{state.step}"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{state.step}"
     if accelerator.is_main_process:

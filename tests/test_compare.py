@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from hftl.compare import cell_config, compare, grid, model_slug, parse_compare_config, strategy_options
-from hftl.runner import RESULTS_FILE
+from hftl.outputs import RESULTS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--num_epochs", "1", "--batch_size", "8", "--learning_rate", "3e-3", "--report_to", "none",

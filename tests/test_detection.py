@@ -358,7 +358,8 @@ def _untrained_map50(argv) -> float:
 
     config = parse_config(argv)
     task = get_task("detection", config)
-    dsd, names = prepare_data(task, config)
+    dsd, spec = prepare_data(task, config)
+    names = spec.label_names
     torch.manual_seed(config.train.seed)
     model, processor = task.load_model(config.model, dict(enumerate(names)))
     test = task.prepare(dsd, processor, config.data)["test"]

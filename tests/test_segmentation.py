@@ -20,6 +20,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hftl.config import DataArgs, ModelArgs
+from hftl.data import add_row_numbers
 from hftl.synthetic import make_shapes
 from hftl.tasks.segmentation import data as sd
 from hftl.tasks.segmentation.data import load_shapes_segmentation
@@ -183,7 +184,7 @@ def test_paired_augmentation_moves_image_and_mask_together(tiny_segformer_dir):
     dsd = DatasetDict({"train": _dataset(images, [Image.fromarray(m) for m in masks])})
     task.label_names(dsd, data_args)
     processor = SegformerImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.0] * 3, image_std=[1.0] * 3)
-    prepared = task.prepare(sd.add_row_numbers(dsd), processor, data_args)
+    prepared = task.prepare(add_row_numbers(dsd), processor, data_args)
     torch.manual_seed(0)
     moved = 0
     for example, mask in zip(prepared["train"], masks):
@@ -317,7 +318,7 @@ def _test_split_mean_iou(model, processor) -> float:
     dsd = load_shapes_segmentation()
     dsd = DatasetDict({"test": dsd["test"].select(range(15))})
     task.label_names(dsd.copy() | {"train": dsd["test"]}, data_args)
-    prepared = task.prepare(sd.add_row_numbers(dsd), processor, data_args)
+    prepared = task.prepare(add_row_numbers(dsd), processor, data_args)
     loader = make_loader(prepared["test"], task.collate, 4, False, 0, 0)
     metrics, _ = evaluate(task, model.eval(), loader, Accelerator(cpu=True), ID2LABEL)
     return metrics["mean_iou"]

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hftl.compare.grid import SCRATCH
-from hftl.runner import RESULTS_FILE
+from hftl.outputs import RESULTS_FILE
 
 # strategies that train every BatchNorm layer, so its running statistics describe the training data
 BN_TRAINING_STRATEGIES = ("full", "gradual-unfreeze")

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from hftl.compare.shift import ADAPT_METHODS, CORRUPTIONS
-from hftl.config import CONFIG_CLASSES, STRATEGIES, DataArgs, HubArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
+from hftl.config import CONFIG_CLASSES, STRATEGIES, RunConfig, config_file_values
 from hftl.config import parse_config as parse_run_config
 from hftl.config import validate as validate_run_config
-from hftl.runner import RESULTS_FILE, run_config
+from hftl.outputs import is_finished
+from hftl.runner import run_config
 
 SCRATCH = "scratch"
 RESOURCES_FILE = "resources.json"
@@ -129,18 +130,12 @@ def parse_compare_config(argv: list[str] | None = None, defaults: dict | None = 
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(CompareArgs, allow_abbrev=False)  # --model must never abbreviate to --models
-    parser.add_argument("--config", default=None)
+    merged = config_file_values(parser, argv, defaults)
     if "-h" in argv or "--help" in argv:
         parser.print_help()
         print("\nEvery option of a single run applies to each cell as well:\n")
         HfArgumentParser(CONFIG_CLASSES).print_help()
         raise SystemExit(0)
-    merged = dict(defaults or {})
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        from hftl.config import _read_yaml
-
-        merged.update(_read_yaml(pre.config))
     if isinstance(merged.get("shots"), list):  # YAML lists read as lists; the flag takes a comma string
         merged["shots"] = ",".join(str(s) for s in merged["shots"])
     for key in ("models", "strategies", "shift", "adapt", "shift_severities", "eval_datasets"):
@@ -253,17 +248,6 @@ def cell_config(base: RunConfig, cell: Cell, run_dir: Path, overrides: dict | No
     return config
 
 
-def config_from_dict(values: dict) -> RunConfig:
-    groups = zip(
-        ("data", "model", "strategy", "train", "hub"), (DataArgs, ModelArgs, StrategyArgs, TrainArgs, HubArgs)
-    )
-    return RunConfig(*(cls(**values[name]) for name, cls in groups))
-
-
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / RESULTS_FILE).is_file()
-
-
 def run_grid(args: CompareArgs, base: RunConfig) -> list[Path]:
     """Runs every unfinished cell; returns all cells' run folders."""
     runs = Path(args.report_dir) / "runs"
@@ -331,7 +315,7 @@ def run_cell_in_process(config: RunConfig, run_dir: Path) -> None:
 
 def run_cell_file(config_path: str) -> None:
     """Child-process entry: one cell, then its own peak memory from the kernel (exact, not sampled)."""
-    config = config_from_dict(json.loads(Path(config_path).read_text()))
+    config = RunConfig.from_dict(json.loads(Path(config_path).read_text()))
     run_config("classification", config)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_mb = peak_kb / 2**20 if sys.platform == "darwin" else peak_kb / 2**10  # macOS reports bytes

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from hftl.compare.aggregate import shots_order
+from hftl.compare.grid import SCRATCH
+from hftl.plotting import pyplot
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from hftl.compare.aggregate import shots_order  # noqa: E402
-from hftl.compare.grid import SCRATCH  # noqa: E402
+plt = pyplot()
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 

@@ -21,9 +21,11 @@ from hftl.compare.aggregate import (
     recommend,
     shots_order,
 )
-from hftl.compare.grid import config_from_dict, shift_corruptions, split_list
+from hftl.compare.grid import shift_corruptions, split_list
 from hftl.compare.shift import evaluate_shift
-from hftl.runner import RESULTS_FILE, prepare_data
+from hftl.config import RunConfig
+from hftl.outputs import RESULTS_FILE
+from hftl.runner import prepare_data
 from hftl.tasks import get_task
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,11 +78,11 @@ def _shift_for_run(args, run_dir: Path, corruptions: list[str], extra: list[str]
         if saved.get("settings") == settings:
             return saved["rows"]
     results = json.loads((run_dir / RESULTS_FILE).read_text())
-    config = config_from_dict(results["config"])
+    config = RunConfig.from_dict(results["config"])
     task = get_task("classification", config)
-    dsd, names = prepare_data(task, config)
-    image_column, label_column = task.image_column, task.label_column
-    targets = [(name, _eval_dataset(config, name, names, image_column, label_column)) for name in extra]
+    dsd, spec = prepare_data(task, config)
+    image_column, label_column = spec.image_column, spec.label_column
+    targets = [(name, _eval_dataset(config, name, spec.label_names, image_column, label_column)) for name in extra]
     # AdaBN/TENT assume the BatchNorm statistics were estimated on the training data. Strategies that keep the
     # pretrained statistics frozen fitted their head to pretraining-normalised features; re-estimating the
     # statistics then breaks the head (measured on digits: linear probe 0.88 -> 0.09 clean), so they are skipped.
@@ -119,16 +121,15 @@ def _eval_dataset(config, dataset: str, names: list[str], image_column: str, lab
     other = deepcopy(config)
     other.data.dataset, other.data.shots, other.data.image_column, other.data.label_column = dataset, None, None, None
     task = get_task("classification", other)
-    dsd, other_names = prepare_data(task, other)
+    dsd, spec = prepare_data(task, other)
+    other_names, image, label = spec.label_names, spec.image_column, spec.label_column
     if set(other_names) != set(names):
         raise ValueError(f"--eval_datasets {dataset!r} has classes {other_names}; the models were trained on {names}.")
     to_model = [names.index(n) for n in other_names]
-    test = dsd["test"].select_columns([task.image_column, task.label_column])
-    test = test.map(lambda ex: {task.label_column: to_model[ex[task.label_column]]}, keep_in_memory=True)
-    test = test.cast_column(task.label_column, ClassLabel(names=names))
-    renames = {
-        old: new for old, new in ((task.image_column, image_column), (task.label_column, label_column)) if old != new
-    }
+    test = dsd["test"].select_columns([image, label])
+    test = test.map(lambda ex: {label: to_model[ex[label]]}, keep_in_memory=True)
+    test = test.cast_column(label, ClassLabel(names=names))
+    renames = {old: new for old, new in ((image, image_column), (label, label_column)) if old != new}
     return test.rename_columns(renames) if renames else test
 
 

@@ -49,6 +49,8 @@ def _item_megabytes(item) -> float:
 
 def cache_processed(splits: dict, names: list[str], max_mb: float | None = None) -> dict:
     """A copy of `splits` where each named split whose processed tensors fit in `max_mb` is a `CachedSplit`."""
+    if not names:
+        return splits
     max_mb = CACHE_MAX_MB if max_mb is None else max_mb
     out = dict(splits)
     for name in names:

@@ -2,7 +2,7 @@
 
 Task-agnostic: metric names come from `results["test"]` (accuracy/f1 for classification, map for detection,
 mean_iou for segmentation) and the headline is `metric_for_best`. The card holds no local path, user name or token:
-`results` must already be scrubbed (hftl.hub.push.scrub_results), and local model/dataset paths are left out.
+`results` must already be scrubbed (hftl.hub.push.scrub), and local model/dataset paths are left out.
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ _HYPERPARAMETERS = (
     ("shots", "data"),
     ("layer_decay", "strategy"),
 )
-_AUTO_CLASSES = {
-    "image-classification": "AutoModelForImageClassification",
-    "object-detection": "AutoModelForObjectDetection",
-    "image-segmentation": "AutoModelForSemanticSegmentation",
-}
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -74,7 +69,9 @@ def _how_to_use(repo_id: str, pipeline_tag: str, adapter_only: bool, base_model:
             'print(predict("image.jpg"))\n```\n\n'
             f"Or from the command line: `hftl predict --model {repo_id} image.jpg`."
         )
-    auto = _AUTO_CLASSES.get(pipeline_tag, "AutoModelForImageClassification")
+    from hftl.spaces.builder import AUTO_CLASSES
+
+    auto = AUTO_CLASSES.get(pipeline_tag, AUTO_CLASSES["image-classification"])
     base = base_model or "<base model id>"
     return (
         "This repo holds a PEFT adapter; the fine-tuned config (labels) and image processor sit next to it.\n\n"

@@ -23,11 +23,10 @@ import time
 from pathlib import Path, PurePath
 
 from hftl.hub.card import build_model_card, is_hub_id
+from hftl.outputs import ADAPTER_DIR, RESULTS_FILE
 
-RESULTS_FILE = "all_results.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 ROOT_SUFFIXES = (".json", ".safetensors", ".bin", ".png", ".jpg", ".txt")
-ADAPTER_DIR = "adapter"
 # config keys that only ever hold paths on the training machine
 _PATH_KEYS = ("output_dir", "resume_from_checkpoint", "logging_dir", "cache_dir")
 RETRIES = 4

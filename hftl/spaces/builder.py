@@ -21,6 +21,12 @@ import gradio as gr
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 TASKS = ("image-classification", "object-detection", "image-segmentation")
+# the transformers auto class that loads a fine-tuned model of each task (hftl's model card names them too)
+AUTO_CLASSES = {
+    "image-classification": "AutoModelForImageClassification",
+    "object-detection": "AutoModelForObjectDetection",
+    "image-segmentation": "AutoModelForSemanticSegmentation",
+}
 MAX_SIDE = 4096  # longer sides are downscaled before inference; the notes say so
 MAX_BATCH_SIZE = 8
 EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -112,21 +118,11 @@ def load_pipeline(model: str, task: str, token=None):
 
 
 def _load_adapter(model: str, task: str, token=None):
+    import transformers
     from peft import PeftConfig, PeftModel
-    from transformers import (
-        AutoConfig,
-        AutoImageProcessor,
-        AutoModelForImageClassification,
-        AutoModelForImageSegmentation,
-        AutoModelForObjectDetection,
-        AutoModelForSemanticSegmentation,
-    )
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageSegmentation
 
-    auto_class = {
-        "image-classification": AutoModelForImageClassification,
-        "object-detection": AutoModelForObjectDetection,
-        "image-segmentation": AutoModelForSemanticSegmentation,
-    }[task]
+    auto_class = getattr(transformers, AUTO_CLASSES[task])
     base = _bundled_path(PeftConfig.from_pretrained(model, token=token).base_model_name_or_path)
     # PEFT saves no config.json; hftl writes the fine-tuned config next to the adapter so its labels survive
     labels = _read_json(model, "config.json", token)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
+from hftl.data import IMAGE_COLUMN_NAMES
 from hftl.fastpaths.decoded_images import normalize_uint8
 from hftl.modeling import (
     ensure_rgb,
@@ -18,8 +19,8 @@ from hftl.modeling import (
     resize_processor,
 )
 from hftl.strategies import last_linear_named, peft_base
+from hftl.tasks.base import Task
 
-IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label", "coarse_label")
 
 # LoRA targets: attention projections for transformers (names differ across transformers versions), the wide
@@ -32,7 +33,7 @@ LORA_TARGETS = {
 }
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     name = "classification"
     pipeline_tag = "image-classification"
     main_metric = "accuracy"
@@ -222,10 +223,9 @@ class ClassificationEvaluator:
 
     def save_artifacts(self, output_dir: str | Path, prefix: str) -> list[Path]:
         """Confusion matrix as JSON (counts, rows = true class) and PNG."""
-        import matplotlib
+        from hftl.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         names = [self.id2label[i] for i in range(len(self.id2label))]
         matrix = self.confusion.tolist()

@@ -18,6 +18,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from hftl.data import IMAGE_COLUMN_NAMES
 from hftl.synthetic import SHAPE_CLASSES, make_shapes
 
 SHAPES_SPLITS = {"train": 600, "validation": 80, "test": 120}
@@ -26,7 +27,6 @@ SHAPES_IMAGE_SIZE = 96
 SHAPES_EMPTY_FRACTION = 0.05  # a few images with no objects: negatives, as in real data
 
 OBJECTS_COLUMN_NAMES = ("objects", "annotations", "objects_", "labels")
-IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo")
 BOX_KEYS = ("bbox", "bboxes", "boxes", "box")
 CATEGORY_KEYS = ("category", "category_id", "categories", "label", "labels", "class")
 BOX_FORMATS = ("coco", "xyxy", "cxcywh")
@@ -293,13 +293,3 @@ def clean_boxes(value, box_format: str, width: int, height: int) -> tuple[np.nda
     xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
     keep = (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)
     return xyxy[keep], np.array(categories, np.int64)[keep], int((~keep).sum())
-
-
-def add_row_numbers(dsd: DatasetDict) -> DatasetDict:
-    """A `hftl_row` column: the row's number before any subsampling, used as image id when the data has none."""
-    return DatasetDict(
-        {
-            split: ds if "hftl_row" in ds.column_names else ds.add_column("hftl_row", list(range(len(ds))))
-            for split, ds in dsd.items()
-        }
-    )

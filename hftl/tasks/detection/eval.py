@@ -112,10 +112,9 @@ class DetectionEvaluator:
         return written
 
     def _draw(self, path: Path) -> Path:
-        import matplotlib
+        from hftl.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         from matplotlib.patches import Rectangle
 
         columns = min(3, len(self.drawn))

@@ -18,8 +18,10 @@ import torch
 from datasets import DatasetDict
 
 from hftl.bundled import register_dataset
+from hftl.data import ROW_COLUMN, add_row_numbers
 from hftl.modeling import ensure_rgb, processor_mean_std
 from hftl.strategies import peft_base
+from hftl.tasks.base import Task
 from hftl.tasks.detection import data as dd
 from hftl.tasks.detection.eval import DetectionEvaluator
 
@@ -33,7 +35,7 @@ register_dataset(SHAPES_DATASET, "hftl.tasks.detection.data:load_shapes_detectio
 LORA_TIERS = (("q_proj", "v_proj"), ("query", "value"), ("value_proj", "output_proj"), ("qkv",))
 
 
-class DetectionTask:
+class DetectionTask(Task):
     name = "detection"
     pipeline_tag = "object-detection"
     main_metric = "map_50"
@@ -77,7 +79,7 @@ class DetectionTask:
         return names
 
     def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:
-        return dd.add_row_numbers(dsd)
+        return add_row_numbers(dsd)
 
     # ---- model ------------------------------------------------------------------------------------------------
     def load_model(self, model_args, id2label: dict):
@@ -163,7 +165,7 @@ class DetectionTask:
         image_col, objects_col = self.image_column, self.objects_column
 
         def transform(batch, train: bool):
-            ids = batch["image_id"] if "image_id" in batch else batch["hftl_row"]
+            ids = batch["image_id"] if "image_id" in batch else batch[ROW_COLUMN]
             out = {"pixel_values": [], "labels": [], "targets": [], "orig_size": [], "image_id": []}
             for image, objects, image_id in zip(batch[image_col], batch[objects_col], ids):
                 image = ensure_rgb(image)

@@ -17,12 +17,12 @@ from datasets import Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
-IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture")
+from hftl.data import IMAGE_COLUMN_NAMES
+
 MASK_COLUMN_NAMES = ("annotation", "label", "mask", "segmentation_mask", "semantic_segmentation", "labels", "seg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_FILE = "id2label.json"
 PALETTE_FILE = "palette.json"
-ROW_COLUMN = "__row__"  # original row number, so errors raised inside transforms can name the row
 # Rows per split whose masks are fully checked before training; the rest are checked as they are loaded.
 EAGER_CHECK_ROWS = 500
 
@@ -197,15 +197,6 @@ def check_split(ds: Dataset, split: str, image_column: str, mask_column: str, se
         check_pair(image, mask, where)
         ids = mask_to_ids(mask, settings["palette"], where)
         encode_ids(ids, settings["num_labels"], settings["reduce_labels"], settings["ignore_index"], where)
-
-
-def add_row_numbers(dsd: DatasetDict) -> DatasetDict:
-    return DatasetDict(
-        {
-            split: ds if ROW_COLUMN in ds.column_names else ds.add_column(ROW_COLUMN, list(range(len(ds))))
-            for split, ds in dsd.items()
-        }
-    )
 
 
 def to_pil(image) -> Image.Image:

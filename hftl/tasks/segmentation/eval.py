@@ -103,10 +103,9 @@ class SegmentationEvaluator:
         return [json_path, self._save_overlays(out / f"{prefix}_predictions.png", names)]
 
     def _save_overlays(self, path: Path, names: list[str]) -> Path:
-        import matplotlib
+        from hftl.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         from matplotlib.patches import Patch
 
         colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20", max(len(names), 2))

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from datasets import DatasetDict
 
 from hftl.bundled import register_dataset
+from hftl.data import ROW_COLUMN, add_row_numbers
 from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
 from hftl.strategies import peft_base
+from hftl.tasks.base import Task
 from hftl.tasks.segmentation import data as sd
 from hftl.tasks.segmentation.eval import SegmentationEvaluator
 
@@ -41,7 +43,7 @@ LORA_TIERS = (
 UPERNET_HIDDEN_SIZE = 128  # decode-head width for timm encoders: small enough for CPU, enough for few classes
 
 
-class SegmentationTask:
+class SegmentationTask(Task):
     name = "segmentation"
     pipeline_tag = "image-segmentation"
     main_metric = "mean_iou"
@@ -112,7 +114,7 @@ class SegmentationTask:
 
     def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:
         # rows keep their original number through subsampling, so errors found during training name them
-        return sd.add_row_numbers(dsd)
+        return add_row_numbers(dsd)
 
     def _mask_settings(self) -> dict:
         return {
@@ -205,7 +207,7 @@ class SegmentationTask:
         image_col, mask_col = self.image_column, self.mask_column
 
         def pairs(batch, split):
-            rows = batch.get(sd.ROW_COLUMN) or [None] * len(batch[image_col])
+            rows = batch.get(ROW_COLUMN) or [None] * len(batch[image_col])
             for image, mask, row in zip(batch[image_col], batch[mask_col], rows):
                 where = f"{split} split, row {row}"
                 image, mask = sd.to_pil(image), sd.to_pil(mask)
