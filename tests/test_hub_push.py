@@ -12,7 +12,7 @@ import pytest
 
 from tests.fixtures.data import COLOURS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # pushes to the live local Hub on 127.0.0.1
 
 TRAIN_ARGS = [
     "--num_epochs",

@@ -23,6 +23,8 @@ from huggingface_hub.errors import (
 
 from hftl.hub.serving import start_in_thread
 
+pytestmark = pytest.mark.integration  # a live server on 127.0.0.1
+
 BIG = 11 * 1024 * 1024  # above 10 MB: the size that goes through LFS on the real Hub
 
 

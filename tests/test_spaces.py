@@ -19,6 +19,8 @@ from PIL import Image
 from hftl.spaces import TASKS, build_demo, infer_task, load_pipeline, publish_space, render_app
 from hftl.spaces.builder import InvalidImage, Predictor, prepare_image
 
+pytestmark = pytest.mark.integration  # Gradio demos served on 127.0.0.1
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DETECTION_LABELS = {0: "cat", 1: "dog"}
 
