@@ -31,53 +31,6 @@ SIZE = 64
 
 # ---- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def tiny_detr_dir(tmp_path_factory) -> Path:
-    """DetrForObjectDetection over timm `test_resnet` (random, use_pretrained_backbone False): d_model 32, one
-    encoder and decoder layer, 10 queries, 2 labels (the task resizes the head), 64 px processor."""
-    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-detr")
-    backbone = {
-        "model_type": "timm_backbone",
-        "backbone": "test_resnet",
-        "out_indices": [-1],
-        "features_only": True,
-        "use_pretrained_backbone": False,
-    }
-    config = DetrConfig(
-        backbone_config=backbone,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        num_queries=10,
-        num_labels=2,
-        id2label={0: "a", 1: "b"},
-        label2id={"a": 0, "b": 1},
-    )
-    DetrForObjectDetection(config).save_pretrained(folder)
-    DetrImageProcessor(size={"shortest_edge": SIZE, "longest_edge": SIZE}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_timm_classifier_dir(tmp_path_factory) -> Path:
-    """A timm `test_efficientnet` classifier (TimmWrapper): the task builds a Conditional DETR around it."""
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-timm-effnet-det")
-    pretrained_cfg = {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
-    config = TimmWrapperConfig(architecture="test_efficientnet", pretrained_cfg=pretrained_cfg, num_labels=2)
-    TimmWrapperForImageClassification(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def shapes() -> DatasetDict:
     return dd.load_shapes_detection(image_size=SIZE, split_sizes={"train": 48, "validation": 16, "test": 16})
 
@@ -276,12 +229,12 @@ def test_hub_style_detector_gets_a_resized_head_and_offline_config(tiny_detr_dir
     assert model.config.backbone_config.use_pretrained_backbone is False
 
 
-def test_timm_classifier_becomes_detector_backbone_with_its_weights(tiny_timm_classifier_dir, tmp_path):
+def test_timm_classifier_becomes_detector_backbone_with_its_weights(tiny_timm_efficientnet_dir, tmp_path):
     from transformers import AutoModelForObjectDetection, TimmWrapperForImageClassification
 
     task, _ = _task(image_size=SIZE)
-    model, processor = task.load_model(ModelArgs(model=str(tiny_timm_classifier_dir)), ID2LABEL)
-    classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_classifier_dir).timm_model.state_dict()
+    model, processor = task.load_model(ModelArgs(model=str(tiny_timm_efficientnet_dir)), ID2LABEL)
+    classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_efficientnet_dir).timm_model.state_dict()
     backbone = task.backbone(model).model.state_dict()
     stem = next(k for k in backbone if k.endswith("conv_stem.weight"))
     assert torch.equal(backbone[stem], classifier["conv_stem.weight"])
@@ -434,18 +387,18 @@ def test_lora_adapter_round_trips(tiny_detr_dir, big_shapes_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_frozen_backbone_on_a_timm_classifier(tiny_timm_classifier_dir, big_shapes_folder, tmp_path):
+def test_frozen_backbone_on_a_timm_classifier(tiny_timm_efficientnet_dir, big_shapes_folder, tmp_path):
     from transformers import AutoModelForObjectDetection, TimmWrapperForImageClassification
 
     from hftl.runner import run
 
     out = tmp_path / "out"
     argv = _argv(
-        tiny_timm_classifier_dir, big_shapes_folder, out, "--strategy", "frozen-backbone", "--num_epochs", "1"
+        tiny_timm_efficientnet_dir, big_shapes_folder, out, "--strategy", "frozen-backbone", "--num_epochs", "1"
     )
     results = run("detection", argv)
     assert results["trainable_parameters"] < results["total_parameters"]
-    classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_classifier_dir).timm_model.state_dict()
+    classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_efficientnet_dir).timm_model.state_dict()
     trained = AutoModelForObjectDetection.from_pretrained(out).model.backbone.model.state_dict()
     for name, tensor in trained.items():
         assert torch.equal(tensor, classifier[name.replace("blocks_", "blocks.", 1)]), name

@@ -35,45 +35,6 @@ SIZE = 64
 
 # ---- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def tiny_segformer_dir(tmp_path_factory) -> Path:
-    """SegformerForSemanticSegmentation, hidden sizes [8, 16], 2 labels (the task resizes the head), 64 px."""
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-segformer")
-    config = SegformerConfig(
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[8, 16],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 2],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-        num_labels=2,
-        id2label={0: "a", 1: "b"},
-        label2id={"a": 0, "b": 1},
-    )
-    SegformerForSemanticSegmentation(config).save_pretrained(folder)
-    SegformerImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_timm_efficientnet_dir(tmp_path_factory) -> Path:
-    """A timm `test_efficientnet` classifier (TimmWrapper), the encoder the task puts inside UperNet."""
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-timm-effnet")
-    pretrained_cfg = {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
-    config = TimmWrapperConfig(architecture="test_efficientnet", pretrained_cfg=pretrained_cfg, num_labels=2)
-    TimmWrapperForImageClassification(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def shapes() -> DatasetDict:
     return load_shapes_segmentation(SIZE, (("train", 48), ("validation", 16), ("test", 16)))
 

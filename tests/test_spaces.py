@@ -18,11 +18,11 @@ from PIL import Image
 
 from hftl.spaces import TASKS, build_demo, infer_task, load_pipeline, publish_space, render_app
 from hftl.spaces.builder import InvalidImage, Predictor, prepare_image
+from tests.fixtures.models import PET_LABELS as DETECTION_LABELS
 
 pytestmark = pytest.mark.integration  # Gradio demos served on 127.0.0.1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DETECTION_LABELS = {0: "cat", 1: "dog"}
 
 
 def free_port() -> int:
@@ -47,42 +47,6 @@ def serving(model, task, examples=()):
 def save_image(path: Path, size=(48, 40), mode="RGB", colour=(200, 40, 40)) -> Path:
     Image.new(mode, size, colour if mode != "L" else 120).save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_detector_dir(tmp_path_factory) -> Path:
-    """YolosForObjectDetection, hidden 32: a detector whose whole body is a tiny ViT (no CNN backbone to fetch)."""
-    import torch
-    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-yolos")
-    config = YolosConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=[64, 64],
-        patch_size=16, num_detection_tokens=5, id2label=DETECTION_LABELS,
-        label2id={v: k for k, v in DETECTION_LABELS.items()},
-    )  # fmt: skip
-    YolosForObjectDetection(config).save_pretrained(folder)
-    YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_segmenter_dir(tmp_path_factory) -> Path:
-    """SegformerForSemanticSegmentation with 2 stages of width 8/16, labels cat/dog."""
-    import torch
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-segformer")
-    config = SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 1],
-        decoder_hidden_size=16, mlp_ratios=[2, 2], id2label=DETECTION_LABELS,
-        label2id={v: k for k, v in DETECTION_LABELS.items()},
-    )  # fmt: skip
-    SegformerForSemanticSegmentation(config).save_pretrained(folder)
-    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
