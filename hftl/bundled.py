@@ -163,41 +163,24 @@ def load_timm_backbone_weights(module, strict: bool = True) -> list[str]:
     its `conv_stem.weight`. A classifier of another size is left as is. Returns the names loaded. With `strict`,
     any other backbone tensor that the checkpoint does not cover raises, naming it.
     """
-    import torch
+    from hftl.modeling import copy_timm_weights
 
-    weights = efficientnet_lite0_timm_state_dict()
-    target = module.state_dict()
-    stems = [key for key in target if key == "conv_stem.weight" or key.endswith(".conv_stem.weight")]
+    stems = [key for key in module.state_dict() if key == "conv_stem.weight" or key.endswith(".conv_stem.weight")]
     if len(stems) != 1:
         raise ValueError(
             f"Expected one tf_efficientnet_lite0 (a `conv_stem.weight` tensor) in {type(module).__name__}, "
             f"found {len(stems)}: {stems[:5]}."
         )
     prefix = stems[0][: -len("conv_stem.weight")]
-    loaded, missing = {}, []
-    for key, tensor in target.items():
-        if not key.startswith(prefix):
-            continue
-        name = _timm_full_name(key[len(prefix) :])
-        source = weights.get(name)
-        if source is not None and source.shape == tensor.shape:
-            loaded[key] = source
-        elif not name.startswith("classifier."):
-            got = "absent" if source is None else f"shape {tuple(source.shape)}"
-            missing.append(f"{key} {tuple(tensor.shape)} (checkpoint: {got})")
-    if strict and missing:
-        raise ValueError(f"The bundled tf_efficientnet_lite0 weights do not fit these tensors: {missing[:10]}")
-    with torch.no_grad():
-        module.load_state_dict(loaded, strict=False)
-    return list(loaded)
-
-
-def _timm_full_name(key: str) -> str:
-    # timm's FeatureDictNet wrappers flatten module paths ("blocks.1" -> "blocks_1").
-    head, _, rest = key.partition(".")
-    if head.startswith("blocks_") and head[len("blocks_") :].isdigit():
-        return f"blocks.{head[len('blocks_') :]}.{rest}"
-    return key
+    timm_model = module.get_submodule(prefix.rstrip(".")) if prefix else module
+    loaded = copy_timm_weights(
+        timm_model,
+        efficientnet_lite0_timm_state_dict(),
+        "The bundled tf_efficientnet_lite0 weights do not fit these tensors",
+        ignore=lambda name: name.startswith("classifier."),
+        strict=strict,
+    )
+    return [prefix + name for name in loaded]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -155,3 +155,35 @@ def resize_processor(processor, model_config, size: int) -> None:
         processor.size = {"height": size, "width": size}
     if getattr(processor, "crop_size", None):
         processor.crop_size = {"height": size, "width": size}
+
+
+def copy_timm_weights(target, weights: dict, error: str, ignore=lambda name: False, strict: bool = True) -> list[str]:
+    """Copies a timm classifier's tensors (`weights`, a state dict) into `target` by name and shape: the same timm
+    model, or a `features_only` one, whose wrappers flatten module paths ("blocks_1" for "blocks.1", "stages_0" for
+    "stages.0"). A target tensor the checkpoint does not cover, unless `ignore(name)`, is named in a ValueError
+    starting with `error` (with `strict`) before anything is copied: a silent partial copy would train a randomly
+    initialised backbone while claiming transfer. Returns the target names loaded."""
+    import torch
+
+    loaded, missing = {}, []
+    for key, tensor in target.state_dict().items():
+        name = timm_classifier_name(key, weights)
+        source = weights.get(name)
+        if source is not None and source.shape == tensor.shape:
+            loaded[key] = source
+        elif not ignore(name):
+            got = "absent" if source is None else f"shape {tuple(source.shape)}"
+            missing.append(f"{key} {tuple(tensor.shape)} (checkpoint: {got})")
+    if strict and missing:
+        raise ValueError(f"{error}: {missing[:10]}")
+    with torch.no_grad():
+        target.load_state_dict(loaded, strict=False)
+    return list(loaded)
+
+
+def timm_classifier_name(key: str, weights: dict) -> str:
+    """The classifier's name for a `features_only` model's tensor (timm flattens the first level of nesting)."""
+    if key in weights:
+        return key
+    head, _, rest = key.partition(".")
+    return f"{head.replace('_', '.', 1)}.{rest}" if rest else key

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from hftl.modeling import copy_timm_weights
+
 
 def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, ignore_index: int):
     """`path` holds a `TimmWrapperForImageClassification` (e.g. the bundled hftl/efficientnet-lite0)."""
@@ -35,7 +37,11 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
     )
     model = UperNetForSemanticSegmentation(config)
     classifier = TimmWrapperForImageClassification.from_pretrained(path)
-    _copy_encoder_weights(classifier.timm_model, model.backbone._backbone, architecture)
+    copy_timm_weights(
+        model.backbone._backbone,
+        classifier.timm_model.state_dict(),
+        f"Could not copy {architecture} weights into the UperNet encoder; unmatched",
+    )
     pretrained = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     size = int((pretrained.get("input_size") or [3, 224, 224])[-1])
     processor = SegformerImageProcessor(
@@ -59,24 +65,3 @@ def _feature_levels(architecture: str) -> list[int]:
             f"timm model {architecture!r} has {count} feature level(s); UperNet needs a multi-scale encoder."
         )
     return list(range(max(0, count - 4), count))
-
-
-@torch.no_grad()
-def _copy_encoder_weights(source: torch.nn.Module, target: torch.nn.Module, architecture: str) -> None:
-    """Every encoder tensor must come from the classifier (same names, same shapes): a silent partial copy would
-    train a randomly initialised encoder while claiming transfer."""
-    weights = source.state_dict()
-    wanted = target.state_dict()
-    names = {key: _classifier_name(key, weights) for key in wanted}
-    missing = [k for k, v in wanted.items() if names[k] not in weights or weights[names[k]].shape != v.shape]
-    if missing:
-        raise ValueError(f"Could not copy {architecture} weights into the UperNet encoder; unmatched: {missing[:5]}")
-    target.load_state_dict({key: weights[names[key]] for key in wanted}, strict=True)
-
-
-def _classifier_name(key: str, weights: dict) -> str:
-    """timm's feature wrappers flatten nested module paths ("stages_0.blocks…" for "stages.0.blocks…")."""
-    if key in weights:
-        return key
-    head, _, rest = key.partition(".")
-    return f"{head.replace('_', '.', 1)}.{rest}" if rest else key
