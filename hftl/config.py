@@ -286,3 +286,22 @@ def validate(config: RunConfig) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id user/name.")
     if config.data.shots is not None and config.data.shots < 1:
         raise ValueError("--shots must be a positive number of images per class.")
+    # a value argparse accepts but the run cannot use: refused here, naming the option and what it takes, rather
+    # than ignored (--image_size 0 trained at 224 px) or failing deep inside PIL or datasets
+    at_least_one = {
+        "image_size": config.data.image_size,
+        "num_epochs": config.train.num_epochs,
+        "max_steps": config.train.max_steps,
+        "max_train_samples": config.data.max_train_samples,
+        "max_eval_samples": config.data.max_eval_samples,
+        "checkpointing_steps": config.train.checkpointing_steps,
+    }
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1 (got {value}).")
+    if not 0 < config.data.validation_fraction < 1:
+        raise ValueError(
+            f"--validation_fraction must be between 0 and 1, exclusive (got {config.data.validation_fraction})."
+        )
+    if not 0 < config.data.crop_scale_min <= 1:
+        raise ValueError(f"--crop_scale_min must be in (0, 1] (got {config.data.crop_scale_min}).")

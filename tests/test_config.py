@@ -103,3 +103,21 @@ def test_cpu_training_keeps_freed_memory_for_the_next_step():
 
     assert kept_mb("off") < 50
     assert kept_mb("on") > 150
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--image_size", "0", "--image_size must be at least 1 \\(got 0\\)"),
+        ("--image_size", "-8", "--image_size must be at least 1 \\(got -8\\)"),
+        ("--num_epochs", "0", "--num_epochs must be at least 1"),
+        ("--num_epochs", "-1", "--num_epochs must be at least 1"),
+        ("--max_steps", "0", "--max_steps must be at least 1"),
+        ("--validation_fraction", "1.5", "--validation_fraction must be between 0 and 1"),
+        ("--validation_fraction", "0", "--validation_fraction must be between 0 and 1"),
+        ("--crop_scale_min", "0", "--crop_scale_min must be in"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_option_and_range(flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config([flag, value])
