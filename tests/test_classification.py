@@ -352,3 +352,28 @@ def test_dataloader_workers_train_to_the_same_weights(tiny_vit_dir, colour_folde
     assert [r["train_loss"] for r in w0["history"]] == [r["train_loss"] for r in w2["history"]]
     a, b = _weights(tmp_path / "w0"), _weights(tmp_path / "w2")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_macro_metrics_stay_within_range_and_match_torchmetrics():
+    """A perfect 10-class run: torchmetrics' float32 macro mean said balanced_accuracy 1.0000001."""
+    from types import SimpleNamespace
+
+    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision
+
+    from hftl.tasks.classification import ClassificationEvaluator
+
+    gather = SimpleNamespace(gather_for_metrics=lambda x: x)
+    labels = torch.arange(10).repeat(3)
+    perfect = ClassificationEvaluator({i: str(i) for i in range(10)})
+    perfect.update(gather, {"labels": labels}, SimpleNamespace(logits=torch.eye(10)[labels]))
+    metrics = perfect.compute()
+    for name in ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        assert metrics[name] == 1.0, (name, metrics[name])
+    preds = torch.tensor([0, 1, 1, 3, 3, 3, 0, 2] * 3)  # class 4 never seen: skipped as torchmetrics does
+    labels = torch.tensor([0, 1, 2, 3, 3, 0, 0, 2] * 3)
+    mixed = ClassificationEvaluator({i: str(i) for i in range(5)})
+    mixed.update(gather, {"labels": labels}, SimpleNamespace(logits=torch.eye(5)[preds]))
+    metrics = mixed.compute()
+    kwargs = {"num_classes": 5, "average": "macro"}
+    assert metrics["f1_macro"] == pytest.approx(multiclass_f1_score(preds, labels, **kwargs).item(), abs=1e-6)
+    assert metrics["precision_macro"] == pytest.approx(multiclass_precision(preds, labels, **kwargs).item(), abs=1e-6)

@@ -200,24 +200,27 @@ class ClassificationEvaluator:
         self.labels.append(labels.cpu())
 
     def compute(self) -> dict:
-        from torchmetrics.functional.classification import (
-            multiclass_accuracy,
-            multiclass_confusion_matrix,
-            multiclass_f1_score,
-            multiclass_precision,
-            multiclass_recall,
-        )
+        from torchmetrics.functional.classification import multiclass_confusion_matrix, multiclass_stat_scores
 
         preds, labels = torch.cat(self.preds), torch.cat(self.labels)
         n = len(self.id2label)
-        kwargs = {"num_classes": n, "average": "macro"}
         self.confusion = multiclass_confusion_matrix(preds, labels, num_classes=n)
+        # per-class counts from torchmetrics, averaged here in float64: torchmetrics' float32 macro mean reported
+        # balanced_accuracy 1.0000001 for a perfect run; no metric may leave its range
+        tp, fp, _, fn, _ = multiclass_stat_scores(preds, labels, num_classes=n, average=None).double().unbind(-1)
+        seen = (tp + fp + fn) > 0  # torchmetrics' macro rule: a class absent from labels and predictions is skipped
+
+        def macro(numerator, denominator) -> float:
+            per_class = torch.where(denominator > 0, numerator / denominator.clamp(min=1), 0.0)
+            return min(1.0, float(per_class[seen].mean())) if seen.any() else 0.0
+
+        recall = macro(tp, tp + fn)
         return {
-            "accuracy": (preds == labels).float().mean().item(),
-            "balanced_accuracy": multiclass_accuracy(preds, labels, **kwargs).item(),
-            "precision_macro": multiclass_precision(preds, labels, **kwargs).item(),
-            "recall_macro": multiclass_recall(preds, labels, **kwargs).item(),
-            "f1_macro": multiclass_f1_score(preds, labels, **kwargs).item(),
+            "accuracy": float((preds == labels).double().mean()),
+            "balanced_accuracy": recall,
+            "precision_macro": macro(tp, tp + fp),
+            "recall_macro": recall,
+            "f1_macro": macro(2 * tp, 2 * tp + fp + fn),
             "num_samples": int(labels.numel()),
         }
 
