@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"] and len(argv) > 1 and argv[1] in TRAIN_TASKS:
         endpoint, rest = _pop_endpoint(argv[2:])
         _set_endpoint(endpoint)
+        from hftl.exits import run_or_exit
         from hftl.runner import run
 
-        run(argv[1], rest)
+        run_or_exit(run, argv[1], rest)
         return 0
     if argv[:1] == ["quickstart"]:
         return _quickstart(argv[1:])

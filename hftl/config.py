@@ -159,6 +159,13 @@ class TrainArgs:
             "else the cores per local process less one, at most 8."
         },
     )
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch intra-op threads. Unset: OMP_NUM_THREADS when you set it, else the cores per local process "
+            "(the 1 that accelerate launch exports by default is not taken as a choice)."
+        },
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate trackers: tensorboard, none, …"})
     channels_last: bool | None = field(
         default=None,
@@ -295,6 +302,7 @@ def validate(config: RunConfig) -> None:
         "max_train_samples": config.data.max_train_samples,
         "max_eval_samples": config.data.max_eval_samples,
         "checkpointing_steps": config.train.checkpointing_steps,
+        "num_threads": config.train.num_threads,
     }
     for name, value in at_least_one.items():
         if value is not None and value < 1:

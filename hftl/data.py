@@ -45,6 +45,16 @@ def load_dataset_dict(data_args, task) -> DatasetDict:
         raise FileNotFoundError(f"Dataset path {name!r} is not a folder.")
     import datasets
 
+    from hftl.modeling import check_hub_repo
+
+    # one metadata request: a mistyped name is named in a second, not after ~27 s of download retries
+    check_hub_repo(
+        name,
+        data_args.dataset_revision,
+        repo_type="dataset",
+        not_found_hint=f"It is not a bundled name ({', '.join(BUNDLED_DATASETS)}) nor a folder here "
+        f"({os.getcwd()}): check the name or path; for a private dataset set HF_TOKEN or run `hf auth login`.",
+    )
     try:
         loaded = datasets.load_dataset(name, data_args.dataset_config, revision=data_args.dataset_revision)
     except Exception as error:  # the datasets library raises many types here; all mean "cannot get it"

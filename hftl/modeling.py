@@ -35,6 +35,13 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
     from hftl.bundled import resolve_model
 
     path = resolve_model(name)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        found = sorted(p.name for p in Path(path).iterdir())[:8]
+        raise ValueError(
+            f"Model folder {name!r} has no config.json, so it is not a saved model (found: {found or 'nothing'}). "
+            "Point --model at the folder save_pretrained() wrote (with config.json and the weights), or at a "
+            "Hub id."
+        )
     if not Path(path).exists():
         check_hub_model(path, revision)
     return path
@@ -46,21 +53,40 @@ def check_hub_model(
     """One metadata request, so a mistyped id, a private repo without a token or no network fails in a second with
     the fix named, rather than after huggingface_hub's download retries (~25 s offline). Skipped offline
     (HF_HUB_OFFLINE) and for models already in the local cache; answers it cannot judge are left to from_pretrained."""
+    check_hub_repo(repo_id, revision, endpoint, timeout, repo_type="model")
+
+
+def check_hub_repo(
+    repo_id: str,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    timeout: float = 10.0,
+    repo_type: str = "model",
+    not_found_hint: str = "",
+) -> None:
+    """`check_hub_model` for any repo type: models, and datasets (`--dataset`) the same way."""
     from huggingface_hub import HfApi, constants, get_token, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+    if constants.HF_HUB_OFFLINE:
         return
+    if repo_type == "model" and isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return
+    cached = (Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}").is_dir()
+    kind, option = ("Model", "--revision") if repo_type == "model" else ("Dataset", "--dataset_revision")
     endpoint = endpoint or constants.ENDPOINT
     try:
-        HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, timeout=timeout)
+        HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision, repo_type=repo_type, timeout=timeout)
     except RevisionNotFoundError:
-        raise ValueError(f"Model {repo_id!r} has no revision {revision!r}: check --revision.") from None
+        raise ValueError(f"{kind} {repo_id!r} has no revision {revision!r}: check {option}.") from None
     except RepositoryNotFoundError:
-        raise ValueError(
-            f"Model {repo_id!r} could not be loaded: no such model on {endpoint}, or it is private and no "
-            "token was found. Check the id (or use a local folder, or the bundled hftl/efficientnet-lite0); for a "
+        hint = not_found_hint or (
+            "Check the id (or use a local folder, or the bundled hftl/efficientnet-lite0); for a "
             "private model set HF_TOKEN or run `hf auth login`."
+        )
+        raise ValueError(
+            f"{kind} {repo_id!r} could not be loaded: no such {repo_type} on {endpoint}, or it is private and no "
+            f"token was found. {hint}"
         ) from None
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 401:
@@ -70,10 +96,13 @@ def check_hub_model(
             ) from None
         return  # anything else (e.g. a mirror without the model-info API): from_pretrained decides
     except (*_transport_errors(), OSError) as error:
+        if cached:  # a dataset loaded before: datasets falls back to its cached copy
+            return
+        hint = f" {not_found_hint}" if not_found_hint else ""
         raise ValueError(
-            f"Model {repo_id!r} could not be loaded: {endpoint} is not reachable "
-            f"({type(error).__name__}). Check your network; offline, start `hftl hub serve` and `hftl hub seed` and "
-            "set HF_ENDPOINT, or pass a local folder."
+            f"{kind} {repo_id!r} could not be loaded: {endpoint} is not reachable ({type(error).__name__}).{hint} "
+            "Check your network; offline, start `hftl hub serve` and `hftl hub seed` and set HF_ENDPOINT, or pass "
+            "a local folder."
         ) from None
 
 

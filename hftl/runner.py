@@ -19,7 +19,9 @@ from hftl.data import check_images, load_dataset_dict, standard_splits, subsampl
 from hftl.fastpaths import probe_features
 from hftl.fastpaths.processed_cache import cache_processed
 from hftl.outputs import save_model, write_results
+from hftl.preflight import preflight
 from hftl.strategies import apply_strategy, enable_activation_checkpointing
+from hftl.system import configure_threads
 from hftl.tasks import DataSpec, Task, get_task
 from hftl.trainer import evaluate, make_loader, train
 
@@ -82,7 +84,10 @@ def prepare_data(task: Task, config: RunConfig) -> tuple[DatasetDict, DataSpec]:
 def run_config(task_name: str, config: RunConfig) -> dict:
     started = time.perf_counter()
     _check_output_dir(config)
+    preflight(config)
+    threads = configure_threads(config.train.num_threads)
     accelerator = _make_accelerator(config)
+    accelerator.print(f"torch threads: {threads[0]} ({threads[1]})")
     task = get_task(task_name, config)
     with accelerator.main_process_first():
         dsd, spec = prepare_data(task, config)
@@ -164,6 +169,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             "steps": result.state.step,
             "best_epoch": result.state.best_epoch,
             "channels_last": result.channels_last,
+            "torch_threads": threads[0],
             "decoded_images_mb": round(decoded.images.megabytes, 1) if decoded is not None else None,
         },
         "eval": {k.removeprefix("eval_"): v for k, v in result.best_metrics.items() if k.startswith("eval_")},

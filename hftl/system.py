@@ -1,4 +1,4 @@
-"""What the machine gives a process: CPU cores per local rank, DataLoader workers, allocator settings.
+"""What the machine gives a process: CPU cores per local rank, torch threads, DataLoader workers, allocator settings.
 
 Low on purpose: data, fast paths and the trainer all import it, and it imports nothing from hftl.
 """
@@ -41,3 +41,28 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+def launched_by_accelerate() -> bool:
+    """`accelerate launch` (every launcher it has) sets ACCELERATE_DYNAMO_BACKEND in the child's environment;
+    nothing in the child process sets it."""
+    return "ACCELERATE_DYNAMO_BACKEND" in os.environ
+
+
+# torch's threads: `accelerate launch` without `--cpu` (or `--num_cpu_threads_per_process`, or an accelerate config)
+# exports OMP_NUM_THREADS=1 to its child unless the user's environment already set it, and torch then trained on one
+# thread: the README's own command ran 1.5x slower on CPU than with `--cpu` (bench/README.md). So unless the user
+# chose a count (`--num_threads`, or OMP_NUM_THREADS set by them), torch gets the cores this process may use.
+def configure_threads(num_threads: int | None = None) -> tuple[int, str]:
+    """Sets torch's intra-op threads; returns (count, why) for the run's log."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+        return num_threads, "--num_threads"
+    omp = os.environ.get("OMP_NUM_THREADS")
+    # accelerate's launcher writes "1" when it was given no count; any other value came from the user (their
+    # environment, --num_cpu_threads_per_process, or accelerate's own --cpu sizing): respected
+    if omp and not (omp.strip() == "1" and launched_by_accelerate()):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = cores_per_local_process()
+    torch.set_num_threads(cores)
+    return cores, "cores per local process"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from hftl.exits import run_or_exit  # noqa: E402
 from hftl.runner import run  # noqa: E402
 
 if __name__ == "__main__":
-    run("classification")
+    run_or_exit(run, "classification")

@@ -19,7 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from hftl.exits import run_or_exit  # noqa: E402
 from hftl.runner import run  # noqa: E402
 
 if __name__ == "__main__":
-    run("segmentation", defaults={"dataset": "hftl/shapes-segmentation", "model": "hftl/efficientnet-lite0"})
+    run_or_exit(
+        run, "segmentation", defaults={"dataset": "hftl/shapes-segmentation", "model": "hftl/efficientnet-lite0"}
+    )

@@ -49,8 +49,25 @@ class ClassificationTask(Task):
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:
         from datasets import load_dataset
+        from datasets.data_files import EmptyDatasetError
 
-        return load_dataset("imagefolder", data_dir=path)
+        layout = (
+            f"imagefolder needs one sub-folder per class (e.g. {path}/cat/1.jpg, {path}/dog/2.jpg), optionally "
+            f"under split folders ({path}/train/cat/1.jpg, {path}/test/...)"
+        )
+        try:
+            dsd = load_dataset("imagefolder", data_dir=path)
+        except EmptyDatasetError:
+            raise ValueError(f"Dataset folder {path!r} holds no image files. {layout}.") from None
+        features = next(iter(dsd.values())).features
+        labelled = any(isinstance(f, ClassLabel) for f in features.values()) or set(features) & set(LABEL_COLUMN_NAMES)
+        if data_args.label_column is None and not labelled:
+            # imagefolder drops the label column when every image sits in the same folder: there are no labels
+            raise ValueError(
+                f"Dataset folder {path!r} has no class sub-folders, so its images have no labels. {layout}; or add "
+                "a metadata.csv with a label column and name it with --label_column."
+            )
+        return dsd
 
     def label_names(self, dsd: DatasetDict, data_args) -> list[str]:
         """Finds (or checks) the image and label columns and returns the class names; errors name the fix."""
