@@ -152,6 +152,13 @@ class TrainArgs:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest in output_dir."}
     )
+    ignore_resume_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even when settings that decide the data order or step count (batch size, accumulation, "
+            "processes, split sizes, image size, seed) differ from the checkpoint's."
+        },
+    )
     num_workers: int | None = field(
         default=None,
         metadata={

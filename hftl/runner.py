@@ -141,6 +141,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         id2label,
         main_metric,
         greater,
+        fingerprint={"dataset": config.data.dataset, "image_size": config.data.image_size},
     )
     model = accelerator.unwrap_model(adapted.model)
 

@@ -40,6 +40,9 @@ class TrainState:
     best_epoch: int | None = None
     evals_without_improvement: int = 0
     history: list = field(default_factory=list)
+    # the current epoch's summed train loss and batch count so far: a resumed epoch records its true mean
+    epoch_loss_sum: float = 0.0
+    epoch_loss_batches: int = 0
 
 
 @dataclass
@@ -105,16 +108,49 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
 
 
-def resolve_checkpoint(spec: str | None, output_dir: str) -> Path | None:
+def resolve_checkpoint(spec: str | None, output_dir: str, say=print) -> Path | None:
     if not spec:
         return None
     if spec == "latest":
         found = list_checkpoints(output_dir)
+        if not found:
+            say(
+                f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; "
+                "training starts from scratch."
+            )
         return found[-1] if found else None
     path = Path(spec)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{spec} is not a complete hftl checkpoint (no {STATE_FILE}); use 'latest'.")
     return path
+
+
+def resume_mismatches(saved: dict | None, current: dict) -> list[str]:
+    """The settings that decide data order and step count and differ from the checkpoint's, one line each."""
+    if saved is None:
+        return []
+    return [
+        f"{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
+        for key, value in current.items()
+        if key in saved and saved[key] != value
+    ]
+
+
+def check_resume(saved: dict | None, current: dict, checkpoint: Path, ignore: bool, say=print) -> None:
+    differences = resume_mismatches(saved, current)
+    if saved is None:
+        say(f"{checkpoint} records no run settings (an older checkpoint): resuming without checking them.")
+    if not differences:
+        return
+    listed = "; ".join(differences)
+    if ignore:
+        say(f"Resuming from {checkpoint} despite changed settings (--ignore_resume_mismatch): {listed}.")
+        return
+    raise ValueError(
+        f"Cannot resume from {checkpoint}: these settings decide the data order and step count and have changed: "
+        f"{listed}. Run with the checkpoint's settings, start a new --output_dir, or pass --ignore_resume_mismatch "
+        "to resume anyway (the run then differs from an uninterrupted one)."
+    )
 
 
 def save_checkpoint(accelerator: Accelerator, state: TrainState, output_dir: str, limit: int, extra: dict) -> None:
@@ -150,7 +186,11 @@ def train(
     id2label: dict,
     metric_for_best: str,
     greater_is_better: bool = True,
+    fingerprint: dict | None = None,
 ) -> TrainResult:
+    """`fingerprint`: the caller's settings that decide the data (dataset, image size…); recorded in each
+    checkpoint with the loop's own (batch size, accumulation, processes, split sizes, seed), and a resume with
+    different ones is refused (`--ignore_resume_mismatch`)."""
     set_seed(args.seed)
     if args.cpu_keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()
@@ -182,13 +222,24 @@ def train(
     if args.compile:
         model = torch.compile(model)
 
+    fingerprint = {
+        **(fingerprint or {}),
+        "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "train_samples": len(train_dataset),
+        "validation_samples": len(eval_dataset),
+        "seed": args.seed,
+    }
     state = TrainState()
     best_state = None
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print)
     if checkpoint is not None:
+        extra = torch.load(checkpoint / "extra_state.pt", weights_only=False)
+        check_resume(extra.get("fingerprint"), fingerprint, checkpoint, args.ignore_resume_mismatch, accelerator.print)
         accelerator.load_state(str(checkpoint))
         state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
-        best_state = torch.load(checkpoint / "extra_state.pt", weights_only=False).get("best_state")
+        best_state = extra.get("best_state")
         accelerator.print(f"Resumed from {checkpoint} at epoch {state.epoch}, step {state.step}.")
 
     samples_seen, start = 0, time.perf_counter()
@@ -206,7 +257,8 @@ def train(
         if state.batches_into_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_into_epoch)
         # the loss is summed on the device: reading it (.item()) makes the CPU wait for the GPU, so only at log steps
-        running, counted = torch.zeros((), device=accelerator.device), 0
+        running = torch.tensor(state.epoch_loss_sum, device=accelerator.device)
+        counted = state.epoch_loss_batches
         for batch in loader:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
@@ -232,12 +284,18 @@ def train(
                     progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
                     accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
                 if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                    state.epoch_loss_sum, state.epoch_loss_batches = running.item(), counted
                     save_checkpoint(
-                        accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state}
+                        accelerator,
+                        state,
+                        args.output_dir,
+                        args.checkpoints_total_limit,
+                        {"best_state": best_state, "fingerprint": fingerprint},
                     )
                 if state.step >= total_steps:
                     break
         state.epoch, state.batches_into_epoch = epoch + 1, 0
+        state.epoch_loss_sum, state.epoch_loss_batches = 0.0, 0
         record = {"epoch": epoch + 1, "step": state.step, "train_loss": running.item() / max(counted, 1)}
         if (epoch + 1) % args.eval_every_epochs == 0 or state.step >= total_steps:
             metrics, _ = evaluate(task, model, eval_loader, accelerator, id2label)
@@ -263,7 +321,11 @@ def train(
         state.history.append(record)
         if args.checkpoint_every_epoch or stop or state.step >= total_steps:
             save_checkpoint(
-                accelerator, state, args.output_dir, args.checkpoints_total_limit, {"best_state": best_state}
+                accelerator,
+                state,
+                args.output_dir,
+                args.checkpoints_total_limit,
+                {"best_state": best_state, "fingerprint": fingerprint},
             )
         if stop or state.step >= total_steps:
             break

@@ -141,16 +141,40 @@ def test_layer_decay_gives_lower_rates_to_lower_layers(tiny_vit_dir):
 def test_resume_continues_to_the_same_weights(tiny_vit_dir, colour_folder, tmp_path):
     common = ["--checkpointing_steps", "3", "--checkpoints_total_limit", "20", "--num_epochs", "2"]
     full = tmp_path / "uninterrupted"
-    run("classification", _argv(colour_folder, tiny_vit_dir, full, *common))
+    expected = run("classification", _argv(colour_folder, tiny_vit_dir, full, *common))["history"]
     checkpoints = sorted((full / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     # 43 train rows / batch 8 = 6 steps an epoch: checkpoint-3 is mid-epoch, checkpoint-6 an epoch boundary
     for name in ("checkpoint-3", "checkpoint-6"):
         assert full / "checkpoints" / name in checkpoints
         resumed = tmp_path / f"resumed-{name}"
-        run("classification", _argv(colour_folder, tiny_vit_dir, resumed, *common,
-                                    "--resume_from_checkpoint", str(full / "checkpoints" / name)))  # fmt: skip
+        history = run("classification", _argv(colour_folder, tiny_vit_dir, resumed, *common,
+                      "--resume_from_checkpoint", str(full / "checkpoints" / name)))["history"]  # fmt: skip
         a, b = _weights(full), _weights(resumed)
         assert all(torch.equal(a[k], b[k]) for k in a), f"resume from {name} diverged"
+        # the epoch resumed mid-way records the mean over all its batches, not only those after the resume
+        assert [r["train_loss"] for r in history] == [r["train_loss"] for r in expected]
+
+
+def test_resume_with_changed_settings_is_refused_naming_each(tiny_vit_dir, colour_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    run("classification", _argv(colour_folder, tiny_vit_dir, out, "--num_epochs", "1", "--max_train_samples", "16"))
+    resume = ["--num_epochs", "2", "--resume_from_checkpoint", "latest"]
+    changed = _argv(colour_folder, tiny_vit_dir, out, *resume, "--batch_size", "4", "--max_train_samples", "12")
+    with pytest.raises(
+        ValueError, match="batch_size: 8 in the checkpoint, 4 now; train_samples: 16 in the checkpoint, 12"
+    ):
+        run("classification", changed)
+    results = run("classification", changed + ["--ignore_resume_mismatch"])
+    assert "despite changed settings" in capsys.readouterr().out
+    assert [r["epoch"] for r in results["history"]] == [1, 2]
+
+
+def test_latest_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsys):
+    from hftl.trainer import resolve_checkpoint
+
+    assert resolve_checkpoint("latest", str(tmp_path)) is None
+    said = capsys.readouterr().out
+    assert "no checkpoint in" in said and "training starts from scratch" in said
 
 
 def test_latest_ignores_a_half_written_checkpoint(tmp_path):
