@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import warnings
 from collections import defaultdict
 
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets
 from datasets import Image as ImageFeature
 from PIL import Image, UnidentifiedImageError
 
@@ -77,9 +78,7 @@ def standard_splits(dsd: DatasetDict, data_args, seed: int, stratify_column: str
     validation = _pick(dsd, data_args.validation_split, VALIDATION_NAMES, "--validation_split")
     test = _pick(dsd, data_args.test_split, TEST_NAMES, "--test_split")
     if validation is None:
-        stratify = stratify_column if _can_stratify(train, stratify_column) else None
-        parts = train.train_test_split(test_size=data_args.validation_fraction, seed=seed, stratify_by_column=stratify)
-        train, validation = parts["train"], parts["test"]
+        train, validation = carve_validation(train, data_args.validation_fraction, seed, stratify_column)
     if test is None:
         print("No test split: test metrics are computed on the validation split.")
         test = validation
@@ -88,6 +87,38 @@ def standard_splits(dsd: DatasetDict, data_args, seed: int, stratify_column: str
         if len(ds) == 0:
             raise ValueError(f"The {split} split is empty.")
     return out
+
+
+def carve_validation(train: Dataset, fraction: float, seed: int, column: str | None) -> tuple[Dataset, Dataset]:
+    """Holds out `fraction` of train, stratified by the ClassLabel `column` when there is one. A class with a single
+    image cannot be split: it stays in train (so it is learned at all) and is named, while every other class is
+    still stratified (one such class used to turn stratification off for all)."""
+    if not column or not isinstance(train.features.get(column), ClassLabel):
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
+    labels = train[column]
+    counts = defaultdict(int)
+    for label in labels:
+        counts[label] += 1
+    single = {label for label, count in counts.items() if count < 2}
+    if len(single) == len(counts):
+        raise ValueError(
+            f"Every class has a single image in the {column!r} column: no validation split can be carved from "
+            "train. Give the dataset a validation split (--validation_split) or more images per class."
+        )
+    if single:
+        names = train.features[column].names
+        warnings.warn(
+            f"{len(single)} class(es) have a single training image and get no validation images: "
+            f"{', '.join(sorted(names[label] for label in single))}. Their validation metrics are not measured.",
+            stacklevel=2,
+        )
+    splittable = train.select([i for i, label in enumerate(labels) if label not in single]) if single else train
+    parts = splittable.train_test_split(test_size=fraction, seed=seed, stratify_by_column=column)
+    if not single:
+        return parts["train"], parts["test"]
+    singles = train.select([i for i, label in enumerate(labels) if label in single])
+    return concatenate_datasets([parts["train"], singles]), parts["test"]
 
 
 def subsample(dsd: DatasetDict, data_args, seed: int, label_column: str | None = None) -> DatasetDict:
@@ -166,15 +197,6 @@ def _pick(dsd: DatasetDict, requested: str | None, names: tuple, option: str):
             raise ValueError(f"Split {requested!r} ({option}) not found; the dataset has {list(dsd)}.")
         return dsd[requested]
     return next((dsd[n] for n in names if n in dsd), None)
-
-
-def _can_stratify(ds: Dataset, column: str | None) -> bool:
-    if not column or not isinstance(ds.features.get(column), ClassLabel):
-        return False
-    counts = defaultdict(int)
-    for label in ds[column]:
-        counts[label] += 1
-    return min(counts.values()) >= 2
 
 
 def _head(ds: Dataset, n: int) -> Dataset:

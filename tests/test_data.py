@@ -114,3 +114,15 @@ def test_missing_dataset_names_the_ways_to_get_one(tmp_path):
         load_dataset_dict(DataArgs(dataset="nobody/no-such-dataset-xyz"), ClassificationTask())
     with pytest.raises(FileNotFoundError):
         load_dataset_dict(DataArgs(dataset=str(tmp_path / "missing")), ClassificationTask())
+
+
+def test_single_image_class_stays_in_train_and_the_rest_is_still_stratified():
+    labels = [0] * 10 + [1] * 10 + [2]  # class "c" has one image
+    for seed in range(30):  # with stratification off for all, some seeds put "c" in validation only
+        with pytest.warns(UserWarning, match="single training image .*: c\\."):
+            dsd = standard_splits(
+                DatasetDict({"train": _dataset(labels)}), DataArgs(validation_fraction=0.2), seed, "label"
+            )
+        assert dsd["train"]["label"].count(2) == 1
+        assert sorted(np.bincount(dsd["validation"]["label"], minlength=3)) == [0, 2, 2]  # stratified: 2 a, 2 b
+        assert len(dsd["train"]) + len(dsd["validation"]) == len(labels)
