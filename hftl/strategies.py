@@ -31,6 +31,10 @@ class Adapted:
     # DistributedDataParallel still syncs them once they thaw; their gradients are dropped before the step).
     masked: set = field(default_factory=set)
 
+    def trainable_now(self) -> int:
+        """Parameters the optimizer updates this epoch: trainable and not held back by gradual unfreezing."""
+        return sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad and n not in self.masked)
+
     def summary(self) -> str:
         return (
             f"trainable params: {self.trainable:,} / {self.total:,} ({100 * self.trainable / max(self.total, 1):.2f}%)"
@@ -120,6 +124,8 @@ def apply_strategy(model: nn.Module, task, args: StrategyArgs, learning_rate: fl
     adapted = Adapted(model, _groups_by_lr(model, lr_of), trainable, total, masked=masked)
     if strategy == "gradual-unfreeze":
         adapted.on_epoch_start = lambda epoch: on_epoch_start(epoch, adapted)
+        # what trains at the start (the head); each epoch's count is logged and kept in the run's history
+        adapted.trainable = adapted.trainable_now()
     return adapted
 
 
@@ -133,7 +139,10 @@ def _gradual_schedule(body: list[str], depth: dict[str, int], top: int, args: St
     def on_epoch_start(epoch: int, adapted: Adapted) -> str | None:
         thawed = min(groups, epoch // max(1, args.unfreeze_every))
         adapted.masked = {n for n in body if group_of[n] >= thawed}
-        return f"gradual-unfreeze: epoch {epoch}: {thawed}/{groups} backbone groups trainable"
+        return (
+            f"gradual-unfreeze: epoch {epoch}: {thawed}/{groups} backbone groups trainable "
+            f"({adapted.trainable_now():,} of {adapted.total:,} parameters train)"
+        )
 
     return on_epoch_start, set(body)
 

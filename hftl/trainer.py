@@ -297,6 +297,7 @@ def train(
         state.epoch, state.batches_into_epoch = epoch + 1, 0
         state.epoch_loss_sum, state.epoch_loss_batches = 0.0, 0
         record = {"epoch": epoch + 1, "step": state.step, "train_loss": running.item() / max(counted, 1)}
+        record["trainable_parameters"] = adapted.trainable_now()  # what trained this epoch (gradual unfreezing)
         if (epoch + 1) % args.eval_every_epochs == 0 or state.step >= total_steps:
             metrics, _ = evaluate(task, model, eval_loader, accelerator, id2label)
             record.update({f"eval_{k}": v for k, v in metrics.items() if _is_number(v)})

@@ -77,7 +77,9 @@ def test_linear_probe_keeps_backbone_bit_identical(tiny_resnet_dir, colour_folde
 
 def test_gradual_unfreeze_thaws_from_the_top(tiny_vit_dir, colour_folder, tmp_path):
     argv = _argv(colour_folder, tiny_vit_dir, tmp_path / "out", "--strategy", "gradual-unfreeze", "--num_epochs", "1")
-    run("classification", argv + ["--unfreeze_every", "2"])  # one epoch: only the head may move
+    first = run("classification", argv + ["--unfreeze_every", "2"])  # one epoch: only the head may move
+    head = 32 * 2 + 2  # classifier weight and bias: all that trains in the first phase
+    assert first["trainable_parameters"] == head and first["history"][0]["trainable_parameters"] == head
     before, after = _weights(tiny_vit_dir), _weights(tmp_path / "out")
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("classifier"))
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
@@ -85,6 +87,8 @@ def test_gradual_unfreeze_thaws_from_the_top(tiny_vit_dir, colour_folder, tmp_pa
     argv = _argv(colour_folder, tiny_vit_dir, out2, "--strategy", "gradual-unfreeze", "--unfreeze_groups", "2")
     results = run("classification", argv + ["--metric_for_best", "loss"])  # eval loss keeps falling: last epoch wins
     after2 = _weights(out2)
+    trained = [r["trainable_parameters"] for r in results["history"]]
+    assert trained[0] == head and trained[0] < trained[1] < trained[2] == results["total_parameters"]
     # saved files keep the classic ViT key names
     top, bottom = (
         "vit.encoder.layer.1.attention.attention.query.weight",
