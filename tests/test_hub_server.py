@@ -441,3 +441,31 @@ def test_body_size_limit(tmp_path):
         assert api.list_repo_files("hftl/small") == [".gitattributes"]
     finally:
         handle.stop()
+
+
+def test_listing_and_search_with_private_repos_for_their_owner_only(open_hub):
+    """What HfApi.list_models/list_datasets/list_spaces and the `hf` CLI call: GET /api/models|datasets|spaces."""
+    api = HfApi(endpoint=open_hub.url, token=open_hub.token)
+    anonymous = HfApi(endpoint=open_hub.url, token=False)
+    api.create_repo("lister/cats-vit")
+    api.create_repo("lister/cats-secret", private=True)
+    api.create_repo("other/dogs-vit")
+    api.create_repo("lister/cats-data", repo_type="dataset")
+    api.create_repo("lister/cats-demo", repo_type="space", space_sdk="gradio")
+    card = "---\npipeline_tag: image-classification\ntags: [vision]\n---\n# cats\n"
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="lister/cats-vit")
+
+    def ids(listing):
+        return sorted(item.id for item in listing)
+
+    assert ids(api.list_models(search="cats")) == ["lister/cats-secret", "lister/cats-vit"]
+    assert ids(anonymous.list_models(search="cats")) == ["lister/cats-vit"]  # private: only for its owner
+    assert ids(api.list_models(author="other")) == ["other/dogs-vit"]
+    assert ids(api.list_models(search="VIT")) == ["lister/cats-vit", "other/dogs-vit"]
+    assert len(list(api.list_models(author="lister", limit=1))) == 1
+    assert ids(api.list_models(filter="vision")) == ["lister/cats-vit"]
+    (listed,) = api.list_models(search="cats-vit")
+    assert listed.pipeline_tag == "image-classification" and listed.private is False
+    assert ids(api.list_datasets(author="lister")) == ["lister/cats-data"]
+    assert ids(api.list_spaces(search="cats")) == ["lister/cats-demo"]
+    assert httpx.get(f"{open_hub.url}/api/models", headers=_auth("wrong")).status_code == 401

@@ -20,8 +20,10 @@ LFS upload URLs are signed per object, since the client PUTs them without creden
 `{"error": msg}` with `X-Error-Code` / `X-Error-Message` headers, as on the Hub.
 
 Limits: no Xet storage (xet token endpoints answer 501), no pull requests (`create_pr` answers 501: commit to a
-branch instead), no Space runtime (Space repos store files only), no discussions, search or repo listing,
-one server process per data dir.
+branch instead), no Space runtime (Space repos store files only), no discussions,
+one server process per data dir. Listing (`GET /api/models|datasets|spaces`: HfApi.list_models and friends, the
+`hf` CLI) takes `search` (in the id), `author`, `filter` (tags), `sort`/`direction` and `limit`; private repos are
+listed only to the token holder (who owns every repo here), never to anonymous readers.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class LocalHub:
         r = self._route
         self.routes = [
             r("GET", r"/api/whoami-v2", self.whoami, "user"),
+            r("GET", rf"/api/{_T}", self.list_repos, "list"),
             r("POST", r"/api/repos/create", self.create_repo, "user"),
             r("DELETE", r"/api/repos/delete", self.delete_repo, "user"),
             r("POST", r"/api/validate-yaml", self.validate_yaml, "user"),
@@ -150,6 +153,8 @@ class LocalHub:
         if self.token is None or access == "signed":
             return
         header = request.headers.get("authorization", "")
+        if access == "list" and not header and self.anonymous_read:
+            return  # public repos only (list_repos checks the header itself)
         if header:
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -217,6 +222,57 @@ class LocalHub:
         raise HubError(501, _XET_MESSAGE)
 
     # ---------- reading ----------
+    async def list_repos(self, request, repo_type):
+        query = request.query_params
+        # with a token set, only its holder gets here with a header (checked above): they own every repo
+        show_private = self.token is None or bool(request.headers.get("authorization"))
+        search, author = (query.get("search") or "").lower(), query.get("author")
+        wanted_tags = set(query.getlist("filter"))
+        found = []
+        for meta in self.store.list_repos(repo_type):
+            if (meta["private"] and not show_private) or search not in meta["id"].lower():
+                continue
+            if author and meta["id"].split("/")[0] != author:
+                continue
+            summary = self._summary(repo_type, meta)
+            if wanted_tags <= set(summary["tags"]):
+                found.append(summary)
+        sort, descending = query.get("sort"), query.get("direction") == "-1"
+        if sort not in (None, "id", "createdAt", "lastModified"):
+            # downloads, likes, trending: all zero here; newest first is the useful order
+            sort, descending = "lastModified", True
+        found.sort(key=lambda item: item[sort or "id"], reverse=descending)
+        limit = query.get("limit")
+        if limit is not None:
+            if not limit.isdigit():
+                raise HubError(400, f"limit must be a non-negative integer, got {limit!r}")
+            found = found[: int(limit)]
+        return JSONResponse(found)
+
+    def _summary(self, repo_type: str, meta: dict) -> dict:
+        """What the Hub's listing gives per repo: ids, dates, visibility, tags and the card's task."""
+        commit_id = self.store.resolve(repo_type, meta["id"], "main")
+        commit = self.store.commit(repo_type, meta["id"], commit_id)
+        card = self.store.card_data(commit["files"]) or {}
+        item = {
+            "_id": hashlib.sha1(meta["id"].encode()).hexdigest()[:24],
+            "id": meta["id"],
+            "author": meta["id"].split("/")[0],
+            "sha": commit_id,
+            "private": meta["private"],
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": list(card["tags"]) if isinstance(card.get("tags"), list) else [],
+            "createdAt": meta["createdAt"],
+            "lastModified": commit["date"],
+        }
+        item.update({key: card[key] for key in ("library_name", "pipeline_tag") if isinstance(card.get(key), str)})
+        if repo_type == "space":
+            item["sdk"] = meta.get("sdk")
+        return item
+
     async def info(self, request, repo_type, repo, rev="main"):
         meta = self.store.repo_meta(repo_type, repo)
         commit_id = self.store.resolve(repo_type, repo, rev)

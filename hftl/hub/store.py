@@ -208,6 +208,10 @@ class Store:
             os.replace(folder, trash)  # atomic disappearance; blobs stay (they may be shared)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def list_repos(self, repo_type: str) -> list[dict]:
+        """Every complete repo of a type (its repo.json, written last), as stored."""
+        return [json.loads(p.read_text()) for p in sorted((self.repos / f"{repo_type}s").glob("*/*/repo.json"))]
+
     # ---------- refs and commits ----------
     def refs(self, repo_type: str, repo_id: str) -> dict:
         self.repo_meta(repo_type, repo_id)
