@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
 from PIL import Image
 
 from hftl.spaces import TASKS, build_demo, infer_task, load_pipeline, publish_space, render_app
@@ -87,15 +86,40 @@ def test_classification_api_returns_labels_by_name(classifier, tmp_path):
     assert "grayscale" in notes
 
 
-def test_bad_input_is_a_clear_error_and_the_app_keeps_serving(classifier, tmp_path):
+def test_bad_input_is_a_clear_note_and_the_app_keeps_serving(classifier, tmp_path):
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("not pixels")
-    with pytest.raises(AppError, match="notes.txt is not an image this demo can read"):
-        classifier.predict(handle_file(not_an_image), api_name="/predict")
-    with pytest.raises(AppError, match="No image: upload one"):
-        classifier.predict(None, api_name="/predict")
+    result, notes = classifier.predict(handle_file(not_an_image), api_name="/predict")
+    assert notes == "notes.txt is not an image this demo can read. Upload a PNG, JPEG or WebP file."
+    assert not result or not result.get("confidences")
+    _, notes = classifier.predict(None, api_name="/predict")
+    assert notes.startswith("No image: upload one")
     result, _ = classifier.predict(handle_file(save_image(tmp_path / "ok.png")), api_name="/predict")
     assert result["label"] in {"blue", "red"}
+
+
+def test_each_concurrent_user_gets_only_their_own_message(tiny_vit_dir, tmp_path):
+    """Every request of a batch bad (or one good): no user may see another's file name, and a bad file gets the
+    same answer alone as batched. Separate clients, like separate browsers, submitting at once."""
+    files = {name: tmp_path / name for name in ("corrupt.jpg", "notes.txt", "empty.png", "truncated.png")}
+    files["corrupt.jpg"].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    files["notes.txt"].write_text("shopping list")
+    files["empty.png"].write_bytes(b"")
+    files["truncated.png"].write_bytes(save_image(tmp_path / "full.png").read_bytes()[:40])
+    with serving(tiny_vit_dir, "image-classification") as first:
+        alone = {name: first.predict(handle_file(path), api_name="/predict")[1] for name, path in files.items()}
+        for name, note in alone.items():
+            assert name in note and not any(other in note for other in files if other != name)
+        clients = [first] + [Client(first.src, verbose=False) for _ in range(4)]
+        for mix in (list(files.items()), [*files.items(), ("good.png", save_image(tmp_path / "good.png"))]):
+            jobs = [(name, client.submit(handle_file(path), api_name="/predict")) for (name, path), client in
+                    zip(mix, clients)]  # fmt: skip
+            for name, job in jobs:
+                result, note = job.result(timeout=120)
+                if name == "good.png":
+                    assert result["label"] in {"blue", "red"} and note == ""
+                else:
+                    assert note == alone[name]
 
 
 def test_concurrent_requests_are_served(classifier, tmp_path):

@@ -187,7 +187,7 @@ def image_input(**kwargs) -> gr.Image:
     """A gr.Image whose preprocessing turns unreadable uploads into a message instead of a decoder stack trace.
 
     It returns the message rather than raising: preprocessing runs on a whole batch, and one bad upload must not
-    fail the other requests batched with it (prepare_batch raises gr.Error only when every request is bad).
+    fail the other requests batched with it.
     The override is per instance because subclassing a Gradio component makes Gradio write a .pyi stub file."""
     component = gr.Image(type="pil", image_mode=None, **kwargs)
     decode = component.preprocess
@@ -246,7 +246,9 @@ def prepare_image(image: Image.Image, max_side: int = MAX_SIDE) -> PreparedImage
 
 
 def prepare_batch(images: list) -> list[PreparedImage | str]:
-    """Each request's prepared image, or the message saying why it has none; gr.Error when none is usable."""
+    """Each request's prepared image, or the message saying why it has none. Never raises: a gr.Error in a batched
+    function is shown to every request of the batch, so one user would read another's file name, and a bad file
+    would get an error alone but a note when batched. Each request gets its own message, in its own notes."""
     prepared = []
     for image in images:
         if image is None:
@@ -255,8 +257,6 @@ def prepare_batch(images: list) -> list[PreparedImage | str]:
             prepared.append(image.message)
         else:
             prepared.append(prepare_image(image))
-    if all(isinstance(p, str) for p in prepared):
-        raise gr.Error(prepared[0])
     return prepared
 
 
@@ -300,7 +300,7 @@ class Predictor:
     def _infer(self, images: list, **kwargs) -> tuple[list, list]:
         prepared = prepare_batch(images)
         usable = [p.image for p in prepared if not isinstance(p, str)]
-        outputs = iter(self.pipe(usable, batch_size=len(usable), **kwargs))
+        outputs = iter(self.pipe(usable, batch_size=len(usable), **kwargs) if usable else [])
         return prepared, [None if isinstance(p, str) else next(outputs) for p in prepared]
 
     def classify(self, images: list) -> tuple[list, list]:
