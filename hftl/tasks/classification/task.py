@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,14 +11,8 @@ import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
 from hftl.data import IMAGE_COLUMN_NAMES
-from hftl.fastpaths.decoded_images import normalize_uint8
-from hftl.modeling import (
-    ensure_rgb,
-    load_model_and_processor,
-    processor_input_size,
-    processor_mean_std,
-    resize_processor,
-)
+from hftl.modeling import ensure_rgb, load_model_and_processor, processor_input_size, resize_processor
+from hftl.pixels import pixel_steps, processor_pixels
 from hftl.strategies import last_linear_named, peft_base
 from hftl.tasks.base import Task
 
@@ -44,7 +39,8 @@ class ClassificationTask(Task):
         self.label_smoothing = config.train.label_smoothing if config is not None else 0.0
         self.image_column = None
         self.label_column = None
-        self.uint8_mean_std = None
+        # uint8 → model input as the image processor computes it (hftl/pixels.py); None: the processor is called
+        self.pixel_steps = None
 
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:
@@ -142,15 +138,25 @@ class ClassificationTask(Task):
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
         from torchvision.transforms import v2
 
-        mean, std = processor_mean_std(processor)
-        steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        train_transform = v2.Compose([*_random_crop_and_flip(processor, data_args), *steps])
+        self.pixel_steps = pixel_steps(processor, processor_input_size(processor))
+        if self.pixel_steps is None and data_args.augment:
+            warnings.warn(
+                f"{type(processor).__name__}: its pixel steps are not understood here, so augmented training calls "
+                "the image processor itself on each cropped image (slower; the decoded-image cache is off).",
+                stacklevel=2,
+            )
+        crop_and_flip = v2.Compose(_random_crop_and_flip(processor, data_args))
         image_col, label_col = self.image_column, self.label_column
+
+        def augmented(image):
+            if self.pixel_steps is None:
+                return processor_pixels(processor, [crop_and_flip(image)])[0]
+            return self.pixel_steps(v2.functional.pil_to_tensor(crop_and_flip(image)))
 
         def train_batch(batch):
             images = [ensure_rgb(im) for im in batch[image_col]]
             if data_args.augment:
-                pixels = [train_transform(im) for im in images]
+                pixels = [augmented(im) for im in images]
             else:
                 pixels = list(processor(images, return_tensors="pt")["pixel_values"])
             return {"pixel_values": pixels, "labels": batch[label_col]}
@@ -172,13 +178,12 @@ class ClassificationTask(Task):
 
         from hftl.fastpaths.decoded_images import AugmentedDecodedSplit, crop_min_area, decode_images
 
-        if not data_args.augment:
+        if not data_args.augment or self.pixel_steps is None:
             return None
         min_area = crop_min_area(processor_input_size(processor), data_args.crop_scale_min)
         images = decode_images(train, self.image_column, min_area, data_args.decoded_cache_max_mb)
         if images is None:
             return None
-        self.uint8_mean_std = processor_mean_std(processor)
         augment = v2.Compose(_random_crop_and_flip(processor, data_args))
         return AugmentedDecodedSplit(images, list(train[self.label_column]), augment)
 
@@ -196,8 +201,8 @@ class ClassificationTask(Task):
 
     def forward(self, model, batch):
         pixels = batch["pixel_values"]
-        if pixels.dtype == torch.uint8:  # from decoded_train_split: normalised here, on the device, per batch
-            pixels = normalize_uint8(pixels, *self.uint8_mean_std)
+        if pixels.dtype == torch.uint8:  # from decoded_train_split: the processor's steps, on the device, per batch
+            pixels = self.pixel_steps(pixels)
         outputs = model(pixel_values=pixels)
         outputs.loss = F.cross_entropy(outputs.logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
         return outputs
