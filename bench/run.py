@@ -48,9 +48,11 @@ PYTHON = sys.executable
 
 
 def hftl_cmd(out, model, data, epochs, batch, lr, target, extra=(), bench_flags=(), ranks=1):
-    launcher = [PYTHON]
+    # the README's launcher, as users run it: what it does to threads (OMP_NUM_THREADS=1 without --cpu) is measured
+    launcher = [PYTHON, "-m", "accelerate.commands.launch", "--num_processes", str(ranks)]
     if ranks > 1:
-        launcher = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks)]
+        launcher.insert(3, "--multi_gpu")
+    threads = os.environ.get("HFTL_BENCH_THREADS")  # --threads: hftl takes a count only as its own option
     return [
         *launcher,
         str(BENCH_DIR / "hftl_case.py"),
@@ -77,6 +79,7 @@ def hftl_cmd(out, model, data, epochs, batch, lr, target, extra=(), bench_flags=
         "none",
         "--checkpoint_every_epoch",
         "false",
+        *(["--num_threads", threads] if threads else []),
         *extra,
     ]
 
@@ -300,6 +303,7 @@ def main(argv=None) -> None:
 
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every row's subprocess
+        os.environ["HFTL_BENCH_THREADS"] = str(args.threads)
     out_dir = WORK / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch

@@ -55,3 +55,15 @@ def test_mfu_is_training_flops_times_images_per_second_over_the_peak():
     assert bench.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert bench.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert bench.bf16_peak_flops("AMD EPYC") is None
+
+
+def test_hftl_rows_run_through_the_documented_launcher(monkeypatch):
+    """`accelerate launch`, as the README says: its thread setting (OMP_NUM_THREADS=1 without --cpu) is measured."""
+    monkeypatch.delenv("HFTL_BENCH_THREADS", raising=False)
+    one = bench.hftl_cmd("o.json", "m", "d", 1, 8, 0.1, 0.9)
+    assert one[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "1"] and "--num_threads" not in one
+    two = bench.hftl_cmd("o.json", "m", "d", 1, 8, 0.1, 0.9, ranks=2)
+    assert two[1:6] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    monkeypatch.setenv("HFTL_BENCH_THREADS", "1")
+    pinned = bench.hftl_cmd("o.json", "m", "d", 1, 8, 0.1, 0.9)
+    assert pinned[pinned.index("--num_threads") + 1] == "1"
