@@ -53,8 +53,8 @@ def load_dataset_dict(data_args, task) -> DatasetDict:
         name,
         data_args.dataset_revision,
         repo_type="dataset",
-        not_found_hint=f"It is not a bundled name ({', '.join(BUNDLED_DATASETS)}) nor a folder here "
-        f"({os.getcwd()}): check the name or path; for a private dataset set HF_TOKEN or run `hf auth login`.",
+        not_found_hint=f"It is not a bundled name ({', '.join(BUNDLED_DATASETS)}) nor a local folder "
+        f"here ({os.getcwd()}): check the name or path; for a private dataset set HF_TOKEN or run `hf auth login`.",
     )
     try:
         loaded = datasets.load_dataset(name, data_args.dataset_config, revision=data_args.dataset_revision)

@@ -388,7 +388,7 @@ def test_macro_metrics_stay_within_range_and_match_torchmetrics():
 
     from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision
 
-    from hftl.tasks.classification import ClassificationEvaluator
+    from hftl.tasks.classification.task import ClassificationEvaluator
 
     gather = SimpleNamespace(gather_for_metrics=lambda x: x)
     labels = torch.arange(10).repeat(3)

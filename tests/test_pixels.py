@@ -9,7 +9,7 @@ from PIL import Image
 
 from hftl.config import DataArgs
 from hftl.pixels import processor_pixels
-from hftl.tasks.classification import ClassificationTask
+from hftl.tasks.classification.task import ClassificationTask
 
 SIZE = 32
 

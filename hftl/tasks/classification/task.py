@@ -178,7 +178,11 @@ class ClassificationTask(Task):
 
         from hftl.fastpaths.decoded_images import AugmentedDecodedSplit, crop_min_area, decode_images
 
-        if not data_args.augment or self.pixel_steps is None:
+        if not data_args.augment:
+            return None
+        if self.pixel_steps is None:  # prepare() sets them; None there means the processor must be called itself
+            self.pixel_steps = pixel_steps(processor, processor_input_size(processor))
+        if self.pixel_steps is None:
             return None
         min_area = crop_min_area(processor_input_size(processor), data_args.crop_scale_min)
         images = decode_images(train, self.image_column, min_area, data_args.decoded_cache_max_mb)
