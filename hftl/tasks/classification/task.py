@@ -17,6 +17,7 @@ from hftl.modeling import (
     processor_input_size,
     processor_mean_std,
     resize_processor,
+    resolve_model_path,
 )
 from hftl.strategies import last_linear_named, peft_base
 from hftl.tasks.base import Task
@@ -97,7 +98,16 @@ class ClassificationTask(Task):
     def load_model(self, model_args, id2label: dict):
         from transformers import AutoModelForImageClassification
 
-        model, processor = load_model_and_processor(AutoModelForImageClassification, model_args, id2label)
+        from hftl import zeroshot
+        from hftl.config import StrategyArgs
+
+        strategy = self.config.strategy if self.config is not None else StrategyArgs()
+        path = resolve_model_path(model_args.model, model_args.revision)
+        if zeroshot.is_dual_encoder_path(path, model_args):  # CLIP / SigLIP: vision tower + text-initialisable head
+            model, processor = zeroshot.load_classifier(path, model_args, id2label, strategy)
+        else:
+            zeroshot.check_needs_dual_encoder(strategy, model_args.model)
+            model, processor = load_model_and_processor(AutoModelForImageClassification, model_args, id2label)
         if self.config is not None and self.config.data.image_size:
             resize_processor(processor, model.config, self.config.data.image_size)
         return model, processor
