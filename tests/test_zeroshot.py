@@ -152,3 +152,29 @@ def test_bad_zero_shot_options_fail_before_any_work(tiny_vit_dir, colour_folder,
         parse_config(["--wise_ft_alpha", "0,2"])
     with pytest.raises(ValueError, match="dual encoder"):
         run("classification", _argv(colour_folder, tiny_vit_dir, tmp_path / "o", "--strategy", "zero-shot"))
+
+
+def test_compare_starts_the_learning_curve_at_zero_shot(tiny_clip_dir, colour_folder, tmp_path):
+    """`zero-shot` is a strategy row with one cell per model at shots 0; trained strategies start at 1."""
+    import csv
+
+    from hftl.compare import compare, grid, parse_compare_config
+
+    report_dir = tmp_path / "cmp"
+    argv = [
+        "--dataset", str(colour_folder), "--models", str(tiny_clip_dir), "--strategies", "zero-shot,linear-probe",
+        "--shots", "0,2", "--seeds", "2", "--report_dir", str(report_dir), "--isolate", "false", "--shift", "none",
+        "--scratch_baseline", "false", "--head_init", "text", "--prompt_templates", TEMPLATE, "--num_epochs", "1",
+        "--batch_size", "8", "--report_to", "none", "--checkpoint_every_epoch", "false",
+    ]  # fmt: skip
+    cells = grid(parse_compare_config(argv)[0])
+    assert [(c.strategy, c.shots) for c in cells] == [("zero-shot", 0), ("linear-probe", 2), ("linear-probe", 2)]
+    compare(argv)
+    with open(report_dir / "report" / "leaderboard.csv") as f:
+        rows = {(r["strategy"], r["shots"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {("zero-shot", "0"), ("linear-probe", "2")}
+    assert float(rows[("zero-shot", "0")]["labels_per_class"]) == 0.0
+    assert float(rows[("zero-shot", "0")]["trainable_parameters"]) == 0
+    assert (report_dir / "report" / "learning_curves.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="zero-shot point"):
+        parse_compare_config(["--strategies", "full", "--shots", "0,1"])
