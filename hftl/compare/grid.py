@@ -75,6 +75,13 @@ class CompareArgs:
         default=None, metadata={"help": "Extra test sets with the same labels (ids, folders, bundled), comma list."}
     )
     push_report: str | None = field(default=None, metadata={"help": "Upload report/ to this Hub dataset repo."})
+    rank: bool = field(
+        default=True,
+        metadata={
+            "help": "With several models: score them with `hftl rank`'s proxies and report each proxy's Kendall τ "
+            "and top-1 hit against the fine-tuned ranking (report/rank.md)."
+        },
+    )
     strategy_options: str | None = field(
         default=None,
         metadata={
