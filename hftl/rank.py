@@ -148,13 +148,12 @@ def imagenet_accuracy(model: str) -> float | None:
     return None
 
 
-def candidate_features(task, model_name: str, dsd, config, accelerator):
+def candidate_features(task, model_name: str, dsd, spec, config, accelerator):
     """(train features, train labels, validation features, validation labels, seconds, parameters)."""
     from hftl.fastpaths.probe_features import extract_head_inputs
     from hftl.trainer import make_loader
 
-    names = task_names(dsd, task)
-    model, processor = task.load_model(replace(config.model, model=model_name), dict(enumerate(names)))
+    model, processor = task.load_model(replace(config.model, model=model_name), spec.id2label)
     model = model.to(accelerator.device).eval()
     head = model.get_submodule(task.head_modules(model)[0])
     plain = task.prepare(dsd, processor, replace(config.data, augment=False))
@@ -166,13 +165,9 @@ def candidate_features(task, model_name: str, dsd, config, accelerator):
     return (*out, time.perf_counter() - started, sum(p.numel() for p in model.parameters()))
 
 
-def task_names(dsd, task) -> list[str]:
-    return list(dsd["train"].features[task.label_column].names)
-
-
-def score_candidate(task, model_name: str, dsd, config, accelerator, knn_k: int) -> dict:
+def score_candidate(task, model_name: str, dsd, spec, config, accelerator, knn_k: int) -> dict:
     train, train_labels, val, val_labels, seconds, params = candidate_features(
-        task, model_name, dsd, config, accelerator
+        task, model_name, dsd, spec, config, accelerator
     )
     return {
         "model": model_name,
@@ -195,11 +190,11 @@ def rank_models(models: list[str], config, knn_k: int = 10) -> list[dict]:
     from hftl.tasks import get_task
 
     task = get_task("classification", config)
-    dsd, _ = prepare_data(task, config)
+    dsd, spec = prepare_data(task, config)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rows = []
     for name in models:
-        rows.append(score_candidate(task, name, dsd, config, accelerator, knn_k))
+        rows.append(score_candidate(task, name, dsd, spec, config, accelerator, knn_k))
         print(f"rank: {name}: " + "  ".join(f"{p}={rows[-1][p]:.4f}" for p in PROXIES), flush=True)
     return sorted(rows, key=lambda r: (-r["knn_accuracy"], -r["logme"]))
 
