@@ -8,6 +8,7 @@
     hftl hub seed [--endpoint http://127.0.0.1:8765]
     hftl space run --model user/my-model [--task image-classification] [--port 7860]
     hftl space publish --model user/my-model --space user/my-demo
+    hftl rank --dataset hftl/digits --models a,b,c [--shots K]     # score backbones before fine-tuning (hftl/rank.py)
 
 Every subcommand that talks to a Hub takes `--endpoint URL`: huggingface_hub reads HF_ENDPOINT when it is imported,
 so this module sets it (and HF_HUB_DISABLE_XET=1, which the local endpoint needs for LFS uploads) before importing
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    commands.add_parser("rank", help="score candidate backbones on a dataset (options: hftl rank --help)")
     train = commands.add_parser("train", help="fine-tune a model (options: hftl train TASK --help)")
     train.add_argument("task", choices=TRAIN_TASKS)
     _add_endpoint(train)
@@ -116,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         from hftl.runner import run
 
         run_or_exit(run, argv[1], rest)
+        return 0
+    if argv[:1] == ["rank"]:
+        endpoint, rest = _pop_endpoint(argv[1:])
+        _set_endpoint(endpoint)
+        from hftl.rank import main as rank_main
+
+        rank_main(rest)
         return 0
     if argv[:1] == ["quickstart"]:
         return _quickstart(argv[1:])

@@ -10,10 +10,11 @@ import argparse
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-STRATEGIES = ("linear-probe", "frozen-backbone", "full", "lora", "gradual-unfreeze")
+STRATEGIES = ("linear-probe", "frozen-backbone", "full", "lora", "gradual-unfreeze", "zero-shot")
 
 
 @dataclass
@@ -113,6 +114,26 @@ class StrategyArgs:
     lora_method: str = field(default="lora", metadata={"help": "PEFT method: lora, dora, or loha."})
     merge_lora: bool = field(
         default=True, metadata={"help": "Also save merged weights so plain pipeline() loads the output folder."}
+    )
+    # zero-shot dual encoders (CLIP, SigLIP): hftl/zeroshot.py, hftl/wiseft.py
+    head_init: Literal["random", "text"] = field(
+        default="random",
+        metadata={"help": "Dual encoders: 'text' starts the head from the class-prompt text embeddings (zero-shot)."},
+    )
+    prompt_templates: str | None = field(
+        default=None,
+        metadata={"help": "Dual encoders: class prompt templates separated by |, each with one {} for the name."},
+    )
+    wise_ft_alpha: str | None = field(
+        default=None,
+        metadata={
+            "help": "WiSE-FT after fine-tuning a dual encoder: comma list of alphas (0 = zero-shot weights, 1 = "
+            "fine-tuned); each is evaluated, the best by validation is saved."
+        },
+    )
+    wise_ft_shift: str = field(
+        default="blur,noise,contrast,rotation",
+        metadata={"help": "Corruptions (severity 3) each WiSE-FT alpha is also tested under; 'none' to skip."},
     )
 
 
@@ -298,6 +319,14 @@ def validate(config: RunConfig) -> None:
         raise ValueError("--scheduler must be cosine, linear or constant.")
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name.")
+    if config.strategy.prompt_templates is not None:
+        from hftl.zeroshot import parse_templates  # noqa: PLC0415
+
+        parse_templates(config.strategy.prompt_templates)
+    if config.strategy.wise_ft_alpha is not None:
+        from hftl.wiseft import parse_alphas  # noqa: PLC0415 (light module; checks before any work)
+
+        parse_alphas(config.strategy.wise_ft_alpha, config.strategy)
     if config.data.shots is not None and config.data.shots < 1:
         raise ValueError("--shots must be a positive number of images per class.")
     # a value argparse accepts but the run cannot use: refused here, naming the option and what it takes, rather

@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import set_seed
 from datasets import DatasetDict
 
+from hftl import wiseft, zeroshot
 from hftl.config import RunConfig, parse_config
 from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
 from hftl.fastpaths import probe_features
@@ -102,6 +103,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     model, processor = task.load_model(config.model, id2label)
     if config.model.from_scratch:
         model = random_init(model, config.train.seed)
+    zero_shot_state = wiseft.snapshot(model) if config.strategy.wise_ft_alpha else None
     adapted = apply_strategy(model, task, config.strategy, config.train.learning_rate)
     if config.train.gradient_checkpointing:
         enable_activation_checkpointing(adapted.model)
@@ -124,25 +126,27 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         probe = probe_features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
         if probe is not None:  # the head trains on cached backbone features; adapted.model gets the trained head
             train_adapted, train_ds, eval_ds, collate = probe
-    if probe is None:
+    if probe is None and adapted.trainable:
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
         if decoded is not None:  # augmented epochs from images decoded once (hftl/fastpaths/decoded_images.py)
             train_ds = decoded
             accelerator.print(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
     # --- end fast paths ---
-    result = train(
-        task,
-        train_adapted,
-        train_ds,
-        eval_ds,
-        collate,
-        config.train,
-        accelerator,
-        id2label,
-        main_metric,
-        greater,
-        fingerprint={"dataset": config.data.dataset, "image_size": config.data.image_size},
-    )
+    if config.strategy.strategy == "zero-shot":
+        result = zeroshot.evaluate_only(task, adapted.model, eval_ds, collate, config, accelerator, id2label)
+    else:
+        result = train(
+            task,
+            train_adapted,
+            train_ds,
+            eval_ds,
+            collate,
+            config.train,
+            accelerator,
+            id2label,
+            main_metric,
+            greater,
+        )
     model = accelerator.unwrap_model(adapted.model)
 
     eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
@@ -150,6 +154,12 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         make_loader(prepared["test"], task.collate, eval_bs, False, config.train.seed, config.train.num_workers)
     )
     test_metrics, test_evaluator = evaluate(task, accelerator.prepare(model), test_loader, accelerator, id2label)
+    wise = None
+    if zero_shot_state is not None:  # WiSE-FT: the best zero-shot/fine-tuned interpolation replaces the model
+        model, wise, test_metrics, test_evaluator = wiseft.choose(
+            task, model, zero_shot_state, prepared, dsd, processor, config, accelerator, id2label, main_metric,
+            greater, test_metrics,
+        )  # fmt: skip
     accelerator.print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))
 
     results = {
@@ -176,6 +186,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         "eval": {k.removeprefix("eval_"): v for k, v in result.best_metrics.items() if k.startswith("eval_")},
         "test": test_metrics,
         "history": result.state.history,
+        **({"wise_ft": wise} if wise is not None else {}),
         "hardware": _hardware(accelerator),
         "config": config.to_dict(),
     }

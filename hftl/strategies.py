@@ -117,6 +117,9 @@ def apply_strategy(model: nn.Module, task, args: StrategyArgs, learning_rate: fl
         lr_of.update({n: learning_rate * args.head_lr_scale for n in head})
         if strategy == "gradual-unfreeze":
             on_epoch_start, masked = _gradual_schedule(body, depth, top, args)
+    elif strategy == "zero-shot":  # the text-embedding head as it is (hftl/zeroshot.py): nothing trains
+        _freeze_all_but(model, set())
+        lr_of = {}
     else:  # config.validate rejects unknown names first; this guards direct library use
         raise ValueError(f"Unknown strategy {strategy!r}.")
 

@@ -29,6 +29,7 @@ from hftl.compare.grid import (
     parse_compare_config,
     parse_shots,
     run_grid,
+    split_list,
     strategy_options,
 )
 
@@ -56,6 +57,10 @@ def compare(argv: list[str] | None = None, defaults: dict | None = None) -> dict
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     summary = write_report(args, run_dirs)
+    if args.rank and len(split_list(args.models)) > 1:  # how far hftl rank's proxies agree with the real ranking
+        from hftl.rank import compare_agreement
+
+        summary["rank"] = compare_agreement(args, base, summary["leaderboard"])
     if args.push_report:
         print(f"report pushed: {push_report(Path(args.report_dir) / 'report', args.push_report)}")
     return summary

@@ -26,12 +26,13 @@ def load_cell(run_dir: Path) -> dict:
     resources_path = run_dir / "resources.json"
     resources = json.loads(resources_path.read_text()) if resources_path.is_file() else {}
     shots = config["data"]["shots"]
+    zero_shot = results["strategy"] == "zero-shot"
     return {
         "run_dir": str(run_dir),
         "model": results["model"],
         "strategy": SCRATCH if config["model"].get("from_scratch") else results["strategy"],
-        "shots": "all" if shots is None else str(shots),
-        "labels_per_class": results["num_samples"]["train"] / len(results["labels"]),
+        "shots": "0" if zero_shot else "all" if shots is None else str(shots),
+        "labels_per_class": 0.0 if zero_shot else results["num_samples"]["train"] / len(results["labels"]),
         "seed": config["train"]["seed"],
         "accuracy": results["test"]["accuracy"],
         "f1_macro": results["test"]["f1_macro"],

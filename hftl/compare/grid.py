@@ -23,6 +23,7 @@ from hftl.outputs import is_finished
 from hftl.runner import run_config
 
 SCRATCH = "scratch"
+ZERO_SHOT = "zero-shot"  # one cell per model at shots 0: the start of every learning curve (dual encoders)
 RESOURCES_FILE = "resources.json"
 CELL_CONFIG_FILE = "cell_config.json"
 LOG_FILE = "log.txt"
@@ -37,7 +38,10 @@ class CompareArgs:
         default="linear-probe,lora,full",
         metadata={"help": f"Comma-separated strategies: {', '.join(STRATEGIES)}, or {SCRATCH} (random init, full)."},
     )
-    shots: str = field(default="1,5,10,all", metadata={"help": "Labelled images per class: numbers and/or 'all'."})
+    shots: str = field(
+        default="1,5,10,all",
+        metadata={"help": "Labelled images per class: numbers and/or 'all'; 0 is the zero-shot strategy's point."},
+    )
     seeds: int = field(default=3, metadata={"help": "Seeds per cell (train seed + 0..seeds-1; also the sample)."})
     report_dir: str = field(default="outputs/compare", metadata={"help": "Runs go to runs/, the report to report/."})
     scratch_baseline: bool = field(
@@ -71,6 +75,13 @@ class CompareArgs:
         default=None, metadata={"help": "Extra test sets with the same labels (ids, folders, bundled), comma list."}
     )
     push_report: str | None = field(default=None, metadata={"help": "Upload report/ to this Hub dataset repo."})
+    rank: bool = field(
+        default=True,
+        metadata={
+            "help": "With several models: score them with `hftl rank`'s proxies and report each proxy's Kendall τ "
+            "and top-1 hit against the fine-tuned ranking (report/rank.md)."
+        },
+    )
     strategy_options: str | None = field(
         default=None,
         metadata={
@@ -115,10 +126,10 @@ def parse_shots(text: str) -> list[int | None]:
     for part in split_list(text):
         if part.lower() == "all":
             values.append(None)
-        elif part.isdigit() and int(part) > 0:
+        elif part.isdigit():
             values.append(int(part))
         else:
-            raise ValueError(f"--shots: {part!r} is neither a positive number of images per class nor 'all'.")
+            raise ValueError(f"--shots: {part!r} is neither a number of images per class nor 'all'.")
     if not values:
         raise ValueError("--shots is empty; e.g. --shots 1,5,10,all.")
     return values
@@ -173,7 +184,8 @@ def validate(args: CompareArgs) -> None:
     for strategy in split_list(args.strategies):
         if strategy not in (*STRATEGIES, SCRATCH):
             raise ValueError(f"--strategies: unknown {strategy!r}; choose from {', '.join((*STRATEGIES, SCRATCH))}.")
-    parse_shots(args.shots)
+    if 0 in parse_shots(args.shots) and ZERO_SHOT not in split_list(args.strategies):
+        raise ValueError(f"--shots 0 is the zero-shot point: add {ZERO_SHOT} to --strategies (needs CLIP/SigLIP).")
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1.")
     for name, value in (("--budget_seconds", args.budget_seconds), ("--budget_params", args.budget_params)):
@@ -201,13 +213,15 @@ def grid(args: CompareArgs) -> list[Cell]:
     strategies = split_list(args.strategies)
     if args.scratch_baseline and SCRATCH not in strategies:
         strategies.append(SCRATCH)
-    return [
-        Cell(model, strategy, shots, k)
-        for model in split_list(args.models)
-        for strategy in strategies
-        for shots in parse_shots(args.shots)
-        for k in range(args.seeds)
-    ]
+    cells = []
+    for model in split_list(args.models):
+        for strategy in strategies:
+            if strategy == ZERO_SHOT:  # nothing trains, so neither labels nor seeds change it
+                cells.append(Cell(model, strategy, 0, 0))
+                continue
+            budgets = [shots for shots in parse_shots(args.shots) if shots != 0]
+            cells += [Cell(model, strategy, shots, k) for shots in budgets for k in range(args.seeds)]
+    return cells
 
 
 def strategy_options(args: CompareArgs) -> dict[str, dict]:
@@ -238,7 +252,7 @@ def cell_config(base: RunConfig, cell: Cell, run_dir: Path, overrides: dict | No
     config.model.model = cell.model
     config.model.from_scratch = cell.strategy == SCRATCH
     config.strategy.strategy = "full" if cell.strategy == SCRATCH else cell.strategy
-    config.data.shots = cell.shots
+    config.data.shots = 1 if cell.shots == 0 else cell.shots  # zero-shot never reads train: load the least
     config.train.seed = base.train.seed + cell.seed_index
     config.train.output_dir = str(run_dir)
     config.train.overwrite_output_dir = True  # an unfinished cell (no all_results.json) is redone from the start

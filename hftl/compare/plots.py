@@ -75,7 +75,10 @@ def plot_learning_curves(rows: list[dict], path: Path) -> Path:
             ax.errorbar(xs, ys, yerr=errs, marker=MARKERS[i % len(MARKERS)], capsize=3, label=strategy, **style)
         if not any(r["strategy"] == SCRATCH for r in mine):
             ax.text(0.5, 0.02, "no from-scratch runs (scratch_baseline off)", transform=ax.transAxes, ha="center")
-        ax.set_xscale("log")
+        if any(r["labels_per_class"] == 0 for r in mine):  # the zero-shot point: linear up to 1, log above
+            ax.set_xscale("symlog", linthresh=1.0)
+        else:
+            ax.set_xscale("log")
         ax.set_xlabel("labelled images per class (log)")
         ax.set_ylabel("test accuracy")
         ax.set_title(model, fontsize=10)

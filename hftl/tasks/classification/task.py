@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
 from hftl.data import IMAGE_COLUMN_NAMES
-from hftl.modeling import ensure_rgb, load_model_and_processor, processor_input_size, resize_processor
+from hftl.modeling import (
+    ensure_rgb,
+    load_model_and_processor,
+    processor_input_size,
+    resize_processor,
+    resolve_model_path,
+)
 from hftl.pixels import pixel_steps, processor_pixels
 from hftl.strategies import last_linear_named, peft_base
 from hftl.tasks.base import Task
@@ -110,7 +116,16 @@ class ClassificationTask(Task):
     def load_model(self, model_args, id2label: dict):
         from transformers import AutoModelForImageClassification
 
-        model, processor = load_model_and_processor(AutoModelForImageClassification, model_args, id2label)
+        from hftl import zeroshot
+        from hftl.config import StrategyArgs
+
+        strategy = self.config.strategy if self.config is not None else StrategyArgs()
+        path = resolve_model_path(model_args.model, model_args.revision)
+        if zeroshot.is_dual_encoder_path(path, model_args):  # CLIP / SigLIP: vision tower + text-initialisable head
+            model, processor = zeroshot.load_classifier(path, model_args, id2label, strategy)
+        else:
+            zeroshot.check_needs_dual_encoder(strategy, model_args.model)
+            model, processor = load_model_and_processor(AutoModelForImageClassification, model_args, id2label)
         if self.config is not None and self.config.data.image_size:
             resize_processor(processor, model.config, self.config.data.image_size)
         return model, processor

@@ -1,0 +1,180 @@
+"""Zero-shot classifiers from tiny random CLIP and SigLIP dual encoders (hftl/zeroshot.py)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+NAMES = ["blue", "red", "green", "cat"]
+TEMPLATE = "a photo of a {}."
+
+
+def _images(n: int = 8, size: int = 32) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _save_classifier(folder, out, templates=(TEMPLATE,)):
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, TimmWrapperImageProcessor
+
+    from hftl.zeroshot import build_classifier
+
+    dual = AutoModel.from_pretrained(folder)
+    classifier = build_classifier(
+        dual, AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
+        dict(enumerate(NAMES)), list(templates),
+    )  # fmt: skip
+    classifier.save_pretrained(out)
+    TimmWrapperImageProcessor(pretrained_cfg=classifier.config.pretrained_cfg).save_pretrained(out)
+    return dual, classifier
+
+
+@pytest.mark.parametrize("fixture", ["tiny_clip_dir", "tiny_siglip_dir"])
+def test_zero_shot_classifier_matches_the_zero_shot_pipeline(fixture, request, tmp_path):
+    """Same prompts, same model: the saved image-classification model ranks the labels exactly as transformers'
+    zero-shot pipeline does, image by image."""
+    from transformers import pipeline
+
+    folder = request.getfixturevalue(fixture)
+    dual, classifier = _save_classifier(folder, tmp_path / "zs")
+    images = _images()
+    zero_shot = pipeline("zero-shot-image-classification", model=str(folder))
+    classify = pipeline("image-classification", model=str(tmp_path / "zs"))
+    for image in images:
+        expected = zero_shot(image, candidate_labels=NAMES, hypothesis_template=TEMPLATE)
+        got = classify(image, top_k=len(NAMES))
+        assert [r["label"] for r in got] == [r["label"] for r in expected]
+
+    # the converted tower computes the dual encoder's image embedding direction
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        reference = dual.get_image_features(pixel_values=pixels)
+        reference = getattr(reference, "pooler_output", reference)
+        timm_model = classifier.timm_model
+        features = timm_model.forward_head(timm_model.forward_features(pixels), pre_logits=True)
+        if hasattr(dual, "visual_projection"):
+            features = dual.visual_projection(features)
+    torch.testing.assert_close(features, reference, atol=1e-5, rtol=1e-4)
+
+
+def _argv(data, model, out, *extra):
+    return [
+        "--dataset", str(data), "--model", str(model), "--output_dir", str(out), "--num_epochs", "2",
+        "--batch_size", "8", "--learning_rate", "3.0e-3", "--report_to", "none", "--seed", "0",
+        "--prompt_templates", TEMPLATE, *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def zero_shot_run(tiny_clip_dir, colour_folder, tmp_path_factory):
+    from hftl.runner import run
+
+    out = tmp_path_factory.mktemp("zs") / "out"
+    return out, run("classification", _argv(colour_folder, tiny_clip_dir, out, "--strategy", "zero-shot"))
+
+
+def test_zero_shot_run_is_an_image_classifier_pushed_and_served(
+    zero_shot_run, tiny_clip_dir, colour_folder, local_hub
+):
+    """No training; the saved folder is a plain image-classification model that agrees with the zero-shot
+    pipeline, pushes to the (local) Hub with a card, and is served by the Space's predictor."""
+    from huggingface_hub import ModelCard
+    from transformers import pipeline
+
+    from hftl.hub.push import push_run
+    from hftl.spaces import load_pipeline
+    from hftl.spaces.builder import Predictor
+
+    out, results = zero_shot_run
+    assert results["trainable_parameters"] == 0 and results["train"]["steps"] == 0
+    assert results["history"][0]["epoch"] == 0 and "eval_accuracy" in results["history"][0]
+    images = sorted((colour_folder / "test").glob("*/*.png"))
+    zero_shot = pipeline("zero-shot-image-classification", model=str(tiny_clip_dir))
+    classify = pipeline("image-classification", model=str(out))
+    expected = [zero_shot(str(p), candidate_labels=["blue", "red"], hypothesis_template=TEMPLATE)[0] for p in images]
+    got = [classify(str(p))[0] for p in images]
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    accuracy = sum(g["label"] == p.parent.name for g, p in zip(got, images)) / len(images)
+    assert results["test"]["accuracy"] == pytest.approx(accuracy)
+
+    repo_id = local_hub.repo_id("zero-shot-clip")
+    push_run(out, repo_id)
+    assert ModelCard.load(repo_id).data.pipeline_tag == "image-classification"
+    predictor = Predictor(load_pipeline(repo_id, "image-classification"), "image-classification")
+    labels, _ = predictor.classify([Image.open(images[0])])
+    assert max(labels[0], key=labels[0].get) == got[0]["label"]
+
+
+def test_head_init_text_starts_from_the_zero_shot_head(zero_shot_run, tiny_clip_dir, colour_folder, tmp_path):
+    """At learning rate 0 a linear probe from the text head is the zero-shot model: same first evaluation, same
+    test metrics (so training from it starts at zero-shot accuracy)."""
+    from hftl.runner import run
+
+    _, zero = zero_shot_run
+    argv = _argv(colour_folder, tiny_clip_dir, tmp_path / "lp", "--strategy", "linear-probe", "--head_init", "text")
+    frozen = run("classification", argv + ["--learning_rate", "0.0", "--weight_decay", "0.0", "--num_epochs", "1"])
+    assert frozen["history"][0]["eval_accuracy"] == zero["history"][0]["eval_accuracy"]
+    assert frozen["test"]["accuracy"] == zero["test"]["accuracy"]
+    assert frozen["test"]["f1_macro"] == zero["test"]["f1_macro"]
+
+
+def test_wise_ft_ends_are_the_zero_shot_and_fine_tuned_models(zero_shot_run, tiny_clip_dir, colour_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from hftl.runner import run
+    from hftl.wiseft import interpolate
+
+    _, zero = zero_shot_run
+    argv = _argv(colour_folder, tiny_clip_dir, tmp_path / "ft", "--strategy", "full", "--head_init", "text")
+    results = run("classification", argv + ["--wise_ft_alpha", "0,0.5,1", "--wise_ft_shift", "blur,noise"])
+    rows = {row["alpha"]: row for row in results["wise_ft"]["alphas"]}
+    assert rows[0.0]["test_accuracy"] == zero["test"]["accuracy"]
+    assert rows[1.0]["test_accuracy"] == results["wise_ft"]["fine_tuned_test_accuracy"]
+    assert {"blur_accuracy", "noise_accuracy"} <= set(rows[0.5])
+    best = max(rows.values(), key=lambda r: r["validation"])
+    assert results["wise_ft"]["best_alpha"] == best["alpha"]
+    assert results["test"]["accuracy"] == best["test_accuracy"]
+
+    # the formula is exact at both ends, tensor for tensor
+    zero_w = load_file(zero_shot_run[0] / "model.safetensors")
+    tuned_w = {k: v + 0.1 * torch.randn_like(v) for k, v in zero_w.items()}
+    assert all(torch.equal(interpolate(zero_w, tuned_w, 0.0)[k], zero_w[k]) for k in zero_w)
+    assert all(torch.equal(interpolate(zero_w, tuned_w, 1.0)[k], tuned_w[k]) for k in zero_w)
+
+
+def test_bad_zero_shot_options_fail_before_any_work(tiny_vit_dir, colour_folder, tmp_path):
+    from hftl.config import parse_config
+    from hftl.runner import run
+
+    with pytest.raises(ValueError, match="one \\{\\}"):
+        parse_config(["--prompt_templates", "a photo"])
+    with pytest.raises(ValueError, match="wise_ft_alpha"):
+        parse_config(["--wise_ft_alpha", "0,2"])
+    with pytest.raises(ValueError, match="dual encoder"):
+        run("classification", _argv(colour_folder, tiny_vit_dir, tmp_path / "o", "--strategy", "zero-shot"))
+
+
+def test_compare_starts_the_learning_curve_at_zero_shot(tiny_clip_dir, colour_folder, tmp_path):
+    """`zero-shot` is a strategy row with one cell per model at shots 0; trained strategies start at 1."""
+    import csv
+
+    from hftl.compare import compare, grid, parse_compare_config
+
+    report_dir = tmp_path / "cmp"
+    argv = [
+        "--dataset", str(colour_folder), "--models", str(tiny_clip_dir), "--strategies", "zero-shot,linear-probe",
+        "--shots", "0,2", "--seeds", "2", "--report_dir", str(report_dir), "--isolate", "false", "--shift", "none",
+        "--scratch_baseline", "false", "--head_init", "text", "--prompt_templates", TEMPLATE, "--num_epochs", "1",
+        "--batch_size", "8", "--report_to", "none", "--checkpoint_every_epoch", "false",
+    ]  # fmt: skip
+    cells = grid(parse_compare_config(argv)[0])
+    assert [(c.strategy, c.shots) for c in cells] == [("zero-shot", 0), ("linear-probe", 2), ("linear-probe", 2)]
+    compare(argv)
+    with open(report_dir / "report" / "leaderboard.csv") as f:
+        rows = {(r["strategy"], r["shots"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {("zero-shot", "0"), ("linear-probe", "2")}
+    assert float(rows[("zero-shot", "0")]["labels_per_class"]) == 0.0
+    assert float(rows[("zero-shot", "0")]["trainable_parameters"]) == 0
+    assert (report_dir / "report" / "learning_curves.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="zero-shot point"):
+        parse_compare_config(["--strategies", "full", "--shots", "0,1"])
