@@ -33,9 +33,8 @@ class Images:
 
 
 def pixel_values(processor, images: list) -> np.ndarray:
-    return processor(images=[image.convert("RGB") for image in images], return_tensors="np")["pixel_values"].astype(
-        np.float32
-    )
+    batch = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+    return batch.float().numpy()
 
 
 def torch_outputs(model, names, batch: np.ndarray) -> dict:
