@@ -100,14 +100,23 @@ def test_recipe_export_of_a_lora_run_is_merged_checked_and_served(lora_run, colo
     ]
 
 
-def test_onnx_int8_classification_reloads_with_onnxruntime_and_pipeline(tiny_vit_dir, tmp_path):
+@pytest.fixture(scope="module")
+def vit_run(tiny_vit_dir, tmp_path_factory) -> Path:
+    """A finished-run folder (merged weights, all_results.json without a dataset) exported to ONNX + int8."""
+    model = tmp_path_factory.mktemp("vit-run") / "vit"
+    shutil.copytree(tiny_vit_dir, model)
+    results = {"task": "classification", "pipeline_tag": "image-classification", "model": "tiny", "strategy": "full"}
+    (model / "all_results.json").write_text(json.dumps({**results, "labels": ["blue", "red"]}))
+    assert export_model(str(model), "onnx", quantize_mode="int8", opset=18, **FAST) == model / "onnx"
+    return model
+
+
+def test_onnx_int8_classification_reloads_with_onnxruntime_and_pipeline(vit_run):
     import onnxruntime
     from transformers import AutoImageProcessor, pipeline
 
-    model = tmp_path / "vit"
-    shutil.copytree(tiny_vit_dir, model)
-    out = export_model(str(model), "onnx", quantize_mode="int8", opset=18, **FAST)
-    assert out == model / "onnx" and (out / "model_quantized.onnx").is_file()
+    model, out = vit_run, vit_run / "onnx"
+    assert (out / "model_quantized.onnx").is_file()
     photos = _photos()
     expected, pixels = _torch_logits(model, photos)
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -202,7 +211,7 @@ def test_int8_keeps_digits_accuracy_within_one_point(effnet_dir, tmp_path):
         assert accuracy["int8_within_1_point"] and accuracy["int8_drop_points"] <= 1.0, accuracy
 
 
-def test_push_puts_the_export_in_the_repo_and_the_deploy_section_in_the_card(lora_run, local_hub, hub_repo_id):
+def test_push_puts_the_export_in_the_repo_and_the_deploy_section_in_the_card(vit_run, local_hub, hub_repo_id):
     from huggingface_hub import ModelCard
 
     from hftl.export.deploy import push_export
@@ -210,7 +219,7 @@ def test_push_puts_the_export_in_the_repo_and_the_deploy_section_in_the_card(lor
     from hftl.predict import predict
 
     # `--export onnx --push_to_hub` on a recipe: the run's push carries onnx/ and the Deploy section
-    files = collect_files(lora_run, hub_repo_id)
+    files = collect_files(vit_run, hub_repo_id)
     assert {"onnx/model.onnx", "onnx/config.json", f"onnx/{REPORT_FILE}"} <= set(files)
     assert "## Deploy" in files["README.md"].decode()
     # `hftl export --push_to_hub` on its own: uploads onnx/ and rewrites the card's Deploy section, once
@@ -220,10 +229,9 @@ def test_push_puts_the_export_in_the_repo_and_the_deploy_section_in_the_card(lor
         path_or_fileobj=b"# model\n\n## Training\n\nsteps\n", path_in_repo="README.md", repo_id=hub_repo_id
     )
     for _ in range(2):
-        push_export(lora_run / "onnx", hub_repo_id)
+        push_export(vit_run / "onnx", hub_repo_id)
     assert "onnx/model.onnx" in api.list_repo_files(hub_repo_id)
     card = str(ModelCard.load(hub_repo_id))
     assert card.count("## Deploy") == 1 and card.index("## Deploy") < card.index("## Training")
-    assert "| onnx |" in card and f'snapshot_download("{hub_repo_id}"' in card
-    image = str(next((lora_run.parent.parent).rglob("*.png"), None) or default_examples()[0])
-    assert predict(hub_repo_id, [image], runtime="onnx")[0][0]["label"] in ("blue", "red")
+    assert "| onnx int8 |" in card and f'snapshot_download("{hub_repo_id}"' in card
+    assert predict(hub_repo_id, default_examples()[:1], runtime="onnx")[0][0]["label"] in ("blue", "red")
