@@ -38,6 +38,14 @@ def check_options(fmt: str, quantize_mode: str | None, opset: int) -> None:
         raise ValueError(f"Unknown export format {fmt!r}; supported: {', '.join(FORMATS)}.")
     if quantize_mode not in (None, *QUANTIZE):
         raise ValueError(f"Unknown --quantize {quantize_mode!r}; supported: {', '.join(QUANTIZE)}.")
+    import importlib.util
+
+    needed = {"onnx": ("onnxruntime", "onnxscript"), "openvino": ("openvino",)}[fmt] + (
+        ("nncf",) if quantize_mode and fmt == "openvino" else ()
+    )
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"Exporting to {fmt} needs {', '.join(missing)}: pip install 'hftl[export]'.")
     if fmt == "onnx" and not 13 <= opset <= 23:
         raise ValueError(f"--opset {opset} is outside what torch's ONNX exporter writes here (13-23).")
 
