@@ -1,7 +1,8 @@
 """PyTorch vs ONNX Runtime vs OpenVINO (fp32 and int8) on one trained model, side by side, at 1 and 2 threads.
 
 Usage:
-    accelerate launch recipes/classify.py --config recipes/configs/quickstart.yaml --output_dir /tmp/quickstart
+    accelerate launch recipes/classify.py --config recipes/configs/classification/quickstart.yaml \
+        --output_dir /tmp/quickstart
     python bench/export.py /tmp/quickstart          # exports (onnx, openvino, int8) first when missing
 
 Latency p50/p95 at batch 1 and throughput at batch 32 on the run's own test images; accuracy on its test split.

@@ -108,16 +108,16 @@ def _run_data(run: str, task_tag: str) -> check.Images | None:
     ]
     config = RunConfig(*groups)
     task = get_task(results["task"], config)
-    dsd, _ = prepare_data(task, config)
+    dsd, spec = prepare_data(task, config)
     test, validation = dsd["test"], dsd["validation"]
-    column = task.image_column
+    column = spec.image_column
     take = min(PARITY_IMAGES, len(test))
     return check.Images(
         parity=list(test.select(range(take))[column]),
         calibration=list(validation.select(range(min(CALIBRATION_IMAGES, len(validation))))[column]),
         test=test if task_tag == "image-classification" else None,
         image_column=column,
-        label_column=getattr(task, "label_column", None),
+        label_column=spec.label_column,
         source=f"{config.data.dataset} test split",
     )
 
