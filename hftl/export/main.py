@@ -19,7 +19,15 @@ import torch
 from accelerate.logging import get_logger
 
 from hftl.export import check
-from hftl.export.convert import DEFAULT_OPSET, check_architecture, quantize, to_onnx, to_openvino
+from hftl.export.convert import (
+    DEFAULT_OPSET,
+    UnsupportedModel,
+    check_architecture,
+    quantize,
+    supported_text,
+    to_onnx,
+    to_openvino,
+)
 from hftl.export.runtime import FORMATS, MODEL_FILES, OUTPUT_NAMES, REPORT_FILE, Session, export_folder
 
 logger = get_logger(__name__)
@@ -94,8 +102,9 @@ def _run_data(run: str, task_tag: str) -> check.Images | None:
     from dataclasses import fields
 
     from hftl.config import CONFIG_CLASSES, RunConfig
+    from hftl.outputs import RESULTS_FILE
     from hftl.predict import read_json
-    from hftl.runner import RESULTS_FILE, prepare_data
+    from hftl.runner import prepare_data
     from hftl.tasks import get_task
 
     results = read_json(run, RESULTS_FILE) or {}
@@ -148,7 +157,10 @@ def export_model(
     if push_to_hub and not repo_id:
         raise ValueError(f"--push_to_hub needs --hub_model_id user/name ({model} is not a Hub repo).")
     source, run = resolve_source(model)
-    task = infer_task(source, token)
+    try:
+        task = infer_task(source, token)
+    except ValueError as error:  # no head the pipelines know
+        raise UnsupportedModel(f"{error} hftl export supports {supported_text()}.") from error
     check_architecture(read_json(source, "config.json", token) or {}, task)
     out = Path(out) if out else default_out(model, fmt)
     checks = find_images(run, task, images)
