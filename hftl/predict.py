@@ -115,8 +115,9 @@ def load_pipeline(model: str, task: str | None = None, token=None, runtime: str 
         go_offline_if_unreachable()
     # Hub look-ups first, through read_json: an unreachable Hub or a wrong id fails with the fix in the message
     read_json(model, "adapter_config.json", token)
-    task = task or infer_task(model, token)
-    if task not in builder.TASKS:
+    if runtime == "pytorch":  # an export's own report names its task
+        task = task or infer_task(model, token)
+    if task is not None and task not in builder.TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(builder.TASKS)}.")
     try:
         return builder.load_pipeline(model, task, token, runtime)
