@@ -235,3 +235,22 @@ def test_push_puts_the_export_in_the_repo_and_the_deploy_section_in_the_card(vit
     assert card.count("## Deploy") == 1 and card.index("## Deploy") < card.index("## Training")
     assert "| onnx int8 |" in card and f'snapshot_download("{hub_repo_id}"' in card
     assert predict(hub_repo_id, default_examples()[:1], runtime="onnx")[0][0]["label"] in ("blue", "red")
+
+
+def test_space_serves_the_export_without_hftl_installed(vit_run, tmp_path):
+    """A published Space holds builder.py as hftl_space.py and runtime.py as hftl_runtime.py, and no hftl."""
+    import subprocess
+    import sys
+
+    from hftl.spaces.publish import BUILDER_FILE, RUNTIME_FILE
+
+    shutil.copy(BUILDER_FILE, tmp_path / "hftl_space.py")
+    shutil.copy(RUNTIME_FILE, tmp_path / "hftl_runtime.py")
+    code = (
+        "import sys; sys.modules['hftl'] = None; import hftl_space; "
+        f"pipe = hftl_space.load_pipeline({str(vit_run)!r}, None, runtime='onnx'); "
+        f"print(pipe.model.runtime, pipe({default_examples()[0]!r})[0]['label'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:][0] == "int8" and done.stdout.split()[-1] in ("blue", "red")
