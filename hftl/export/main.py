@@ -111,6 +111,7 @@ def _run_data(run: str, task_tag: str) -> check.Images | None:
     stored = results.get("config") or {}
     if not results.get("task") or not stored.get("data"):
         return None
+    # field by field rather than RunConfig.from_dict: a results file from another hftl version may hold other keys
     groups = [
         cls(**{f.name: stored[group][f.name] for f in fields(cls) if f.name in (stored.get(group) or {})})
         for group, cls in zip(("data", "model", "strategy", "train", "hub"), CONFIG_CLASSES)
