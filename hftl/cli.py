@@ -4,6 +4,7 @@
     hftl train classification --config recipes/configs/classification/quickstart.yaml [--option value ...]
     hftl predict --model user/my-model cat.jpg dog.jpg [--top-k 5]
     hftl push outputs/run user/my-model [--private] [--revision BRANCH]
+    hftl export outputs/run --format onnx|openvino [--quantize int8] [--push_to_hub]
     hftl hub serve [--port 8765] [--data-dir DIR] &
     hftl hub seed [--endpoint http://127.0.0.1:8765]
     hftl space run --model user/my-model [--task image-classification] [--port 7860]
@@ -20,6 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from hftl.export import RUNTIMES
+from hftl.export import add_arguments as add_export_arguments
 
 TRAIN_TASKS = ("classification", "detection", "segmentation")
 LOCAL_ENDPOINT = "http://127.0.0.1:8765"
@@ -58,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--top-k", type=int, default=5, help="classification: labels to print per image")
     predict.add_argument("--task", default=None, help="pipeline task (default: from the model)")
+    predict.add_argument(
+        "--runtime", default="pytorch", choices=RUNTIMES, help="serve the exported model (hftl export)"
+    )
     _add_endpoint(predict)
+
+    export = commands.add_parser("export", help="export to ONNX or OpenVINO, checked against PyTorch")
+    add_export_arguments(export)
+    _add_endpoint(export)
 
     push = commands.add_parser("push", help="push a finished run (output_dir) to the Hub in one commit")
     push.add_argument("output_dir")
@@ -85,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task", default=None, help="image-classification, object-detection or image-segmentation")
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=7860)
+    run.add_argument("--runtime", default="pytorch", choices=RUNTIMES, help="serve the exported model (hftl export)")
     _add_endpoint(run)
     publish = space_commands.add_parser("publish", help="publish a demo Space for a Hub model")
     publish.add_argument("--model", required=True, help="Hub model id (push it first)")
@@ -160,7 +172,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from hftl.predict import format_predictions, predict
 
-        print(format_predictions(args.images, predict(args.model, args.images, top_k=args.top_k, task=args.task)))
+        found = predict(args.model, args.images, top_k=args.top_k, task=args.task, runtime=args.runtime)
+        print(format_predictions(args.images, found))
+    elif args.command == "export":
+        from hftl.export import export_model
+
+        out = export_model(
+            args.model,
+            args.format,
+            args.quantize,
+            args.opset,
+            args.out,
+            args.push_to_hub,
+            args.hub_model_id,
+            args.images,
+        )
+        print(out)
     elif args.command == "push":
         from hftl.hub.push import push_run
 
@@ -174,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "space" and args.space_command == "run":
         from hftl.spaces import run_space
 
-        run_space(args.task, args.model, args.host, args.port)
+        run_space(args.task, args.model, args.host, args.port, runtime=args.runtime)
     elif args.command == "space":
         from hftl.spaces import publish_space
 

@@ -233,6 +233,13 @@ class HubArgs:
     hub_revision: str | None = field(default=None, metadata={"help": "Branch to push to (default main)."})
     publish_space: str | None = field(default=None, metadata={"help": "Also publish a Gradio demo Space (user/name)."})
     license: str = field(default="apache-2.0", metadata={"help": "License written in the model card."})
+    export: str | None = field(
+        default=None,
+        metadata={
+            "help": "At the end, export to onnx or openvino (hftl export, parity-checked); pushed with the model."
+        },
+    )
+    export_quantize: str | None = field(default=None, metadata={"help": "With --export: also an int8 model (int8)."})
 
 
 CONFIG_CLASSES = (DataArgs, ModelArgs, StrategyArgs, TrainArgs, HubArgs)
@@ -327,6 +334,8 @@ def validate(config: RunConfig) -> None:
         from hftl.wiseft import parse_alphas  # noqa: PLC0415 (light module; checks before any work)
 
         parse_alphas(config.strategy.wise_ft_alpha, config.strategy)
+    if config.hub.export not in (None, "onnx", "openvino") or config.hub.export_quantize not in (None, "int8"):
+        raise ValueError("--export must be onnx or openvino, and --export_quantize int8 (or unset).")
     if config.data.shots is not None and config.data.shots < 1:
         raise ValueError("--shots must be a positive number of images per class.")
     # a value argparse accepts but the run cannot use: refused here, naming the option and what it takes, rather

@@ -104,9 +104,9 @@ def infer_task(model: str, token=None) -> str:
     return builder.infer_task(model, token)
 
 
-def load_pipeline(model: str, task: str | None = None, token=None):
-    """A transformers pipeline for `model`, loaded the way the demo Space loads it (hftl/spaces/builder.py); bundled
-    names resolve to their offline folder, adapters go via PEFT."""
+def load_pipeline(model: str, task: str | None = None, token=None, runtime: str = "pytorch"):
+    """A transformers pipeline for `model`; bundled names resolve to their offline folder, adapters go via PEFT;
+    runtime onnx/openvino serves the model's export (`hftl export`) instead."""
     from hftl.bundled import resolve_model
     from hftl.spaces import builder
 
@@ -115,11 +115,12 @@ def load_pipeline(model: str, task: str | None = None, token=None):
         go_offline_if_unreachable()
     # Hub look-ups first, through read_json: an unreachable Hub or a wrong id fails with the fix in the message
     read_json(model, "adapter_config.json", token)
-    task = task or infer_task(model, token)
-    if task not in builder.TASKS:
+    if runtime == "pytorch":  # an export's own report names its task
+        task = task or infer_task(model, token)
+    if task is not None and task not in builder.TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(builder.TASKS)}.")
     try:
-        return builder.load_pipeline(model, task, token)
+        return builder.load_pipeline(model, task, token, runtime)
     except OSError as error:  # transformers wraps hub connection failures in OSError
         if "connect" in str(error).lower() or "cache" in str(error).lower():
             raise ModelNotAvailable(_offline_message(model, error)) from error
@@ -139,11 +140,13 @@ def _check_images(images: list[str]) -> None:
             raise ValueError(f"{path} is not a readable image ({error}).") from error
 
 
-def predict(model: str, images: list[str], top_k: int = 5, task: str | None = None, token=None) -> list:
+def predict(
+    model: str, images: list[str], top_k: int = 5, task: str | None = None, token=None, runtime: str = "pytorch"
+) -> list:
     """Per image: classification → [{label, score}] (best first, at most top_k); detection → [{label, score, box}];
     segmentation → [{label, score, mask}]."""
     _check_images(images)
-    pipe = load_pipeline(model, task, token)
+    pipe = load_pipeline(model, task, token, runtime)
     if pipe.task == "image-classification":
         top_k = min(top_k, len(pipe.model.config.id2label))
         outputs = pipe(images, top_k=top_k)

@@ -223,6 +223,10 @@ def random_init(model, seed: int):
 
 
 def publish(config: RunConfig, results: dict) -> None:
+    if config.hub.export:  # before the push, which uploads the export folder and its Deploy section
+        from hftl.export import export_model
+
+        print(f"export: {export_model(config.train.output_dir, config.hub.export, config.hub.export_quantize)}")
     if config.hub.push_to_hub:
         from hftl.hub.push import push_run
 

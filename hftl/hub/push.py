@@ -150,7 +150,19 @@ def collect_files(output_dir: str | Path, repo_id: str, license: str = "apache-2
         license=license,
     )
     files["README.md"] = str(card).encode()
+    _add_exports(files, out, repo_id)
     return files
+
+
+def _add_exports(files: dict[str, bytes], out: Path, repo_id: str) -> None:
+    """`hftl export` folders of the run (onnx/, openvino/) and their Deploy section in the card."""
+    from hftl.export.deploy import deploy_section, export_files, export_reports, with_deploy
+
+    reports = export_reports(out)
+    if reports:
+        for name, data in export_files(out).items():
+            files[name] = _json_bytes(scrub(json.loads(data))) if name.endswith(".json") else data
+        files["README.md"] = with_deploy(files["README.md"].decode(), deploy_section(reports, repo_id)).encode()
 
 
 def _secrets_check(files: dict[str, bytes], token: str | None, output_dir: Path) -> None:

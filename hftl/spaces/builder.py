@@ -105,10 +105,18 @@ def infer_task(model: str, token=None) -> str:
 # ---- loading ------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(model: str, task: str, token=None):
-    """A transformers pipeline on CPU/GPU; a PEFT adapter (adapter_config.json) is applied to its base and merged."""
+def load_pipeline(model: str, task: str, token=None, runtime: str = "pytorch"):
+    """A transformers pipeline on CPU/GPU; a PEFT adapter (adapter_config.json) is applied to its base and merged.
+    runtime onnx/openvino serves the model's `hftl export` (its onnx/ or openvino/ folder) on CPU instead."""
     import torch
     from transformers import pipeline
+
+    if runtime != "pytorch":
+        try:
+            from hftl.export.runtime import load_runtime_pipeline
+        except ImportError:  # a published Space: the runtime module sits next to this file
+            from hftl_runtime import load_runtime_pipeline
+        return load_runtime_pipeline(_bundled_path(model), runtime, task, token)
 
     device = 0 if torch.cuda.is_available() else -1
     if _read_json(model, "adapter_config.json", token) is not None:
@@ -354,13 +362,15 @@ def default_examples() -> list[str]:
     return sorted(str(p) for p in images.glob("*.jpg"))
 
 
-def build_demo(model: str, task: str | None = None, examples: list | None = None, token=None, pipe=None) -> gr.Blocks:
+def build_demo(
+    model: str, task: str | None = None, examples: list | None = None, token=None, pipe=None, runtime: str = "pytorch"
+) -> gr.Blocks:
     """The demo for `model` (Hub id or local folder); the model is loaded once, here."""
     name, model = model, _bundled_path(model)  # a bundled name keeps its name on the page
     task = task or infer_task(model, token)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
-    predictor = Predictor(pipe or load_pipeline(model, task, token), task)
+    predictor = Predictor(pipe or load_pipeline(model, task, token, runtime), task)
     batch = {"batch": True, "max_batch_size": MAX_BATCH_SIZE, "api_name": "predict"}
     with gr.Blocks(title=f"{name} · {task}") as demo:
         gr.Markdown(model_header(model, task, token, name=name))
@@ -398,9 +408,11 @@ def run_space(
     token=None,
     share: bool = False,
     block: bool = True,
+    runtime: str = "pytorch",
 ) -> gr.Blocks:
     """Build and launch the demo; with block=False it returns the running app (tests, notebooks)."""
-    demo = build_demo(model, task, examples if examples is not None else find_examples(app_dir), token)
+    examples = examples if examples is not None else find_examples(app_dir)
+    demo = build_demo(model, task, examples, token, runtime=runtime)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, max_file_size="50mb", prevent_thread_lock=not block)
     return demo
@@ -411,5 +423,11 @@ def main(task: str, argv: list[str] | None = None, app_dir: str | Path | None = 
     parser.add_argument("--model", help="Hub id or local model folder (default: $MODEL_ID, then README `models:`)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument(
+        "--runtime",
+        default=os.environ.get("RUNTIME", "pytorch"),
+        choices=("pytorch", "onnx", "openvino"),
+        help="serve the model's hftl export (onnx/ or openvino/ in the repo); default $RUNTIME, else pytorch",
+    )
     args = parser.parse_args(argv)
-    run_space(task, resolve_model_id(args.model, app_dir), args.host, args.port, app_dir=app_dir)
+    run_space(task, resolve_model_id(args.model, app_dir), args.host, args.port, app_dir=app_dir, runtime=args.runtime)

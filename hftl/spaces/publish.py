@@ -15,6 +15,7 @@ from pathlib import Path
 
 BUILDER_FILE = Path(__file__).with_name("builder.py")
 BUILDER_MODULE = "hftl_space"  # the builder's file name inside a Space
+RUNTIME_FILE = Path(__file__).parents[1] / "export" / "runtime.py"  # serves exports; `hftl_runtime.py` in a Space
 REPO_SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"  # the thin apps in a checkout
 SPACE_LOOKS = {
     "image-classification": ("🏷️", "indigo", "blue"),
@@ -61,6 +62,12 @@ def requirements(model_files: set[str], config: dict | None) -> str:
     config = config or {}
     if config.get("model_type") == "timm_wrapper" or config.get("use_timm_backbone") or "timm" in str(config):
         packages.append("timm")
+    # exports (hftl export) the Space can serve with RUNTIME=onnx / openvino
+    packages += [
+        p
+        for p, d in (("onnxruntime", "onnx/"), ("openvino", "openvino/"))
+        if any(f.startswith(d) for f in model_files)
+    ]
     return "\n".join(_pin(p) for p in packages) + "\n"
 
 
@@ -132,6 +139,7 @@ def publish_space(
     files = {
         "app.py": render_app(task).encode(),
         f"{BUILDER_MODULE}.py": BUILDER_FILE.read_bytes(),
+        "hftl_runtime.py": RUNTIME_FILE.read_bytes(),
         "requirements.txt": requirements(model_files, config).encode(),
         "README.md": space_card(model_id, space_id, task, builder._load_card(model_id, token), api.endpoint).encode(),
     }
