@@ -20,12 +20,12 @@ from hftl.fastpaths import probe_features
 from hftl.fastpaths.processed_cache import cache_processed
 from hftl.outputs import save_model, write_results
 from hftl.strategies import apply_strategy, enable_activation_checkpointing
-from hftl.tasks import DataSpec, Task, get_task
+from hftl.tasks import DataSpec, Task, get_task, task_args
 from hftl.trainer import evaluate, make_loader, train
 
 
 def run(task_name: str, argv: list[str] | None = None, defaults: dict | None = None) -> dict:
-    config = parse_config(argv, defaults)
+    config = parse_config(argv, defaults, task_args(task_name))
     return run_config(task_name, config)
 
 
