@@ -1,8 +1,9 @@
 """Typed run configuration: one name, one default and one help text per option.
 
-Every recipe parses the same shared dataclasses plus its task's own (`Task.args`, e.g. `--box_format` for detection);
-`Literal` choices are checked by argparse for flags and by `validate` for values from YAML. A YAML file given with `--config` sets defaults; command-line flags
-override it (`--learning_rate 1e-4` and `--learning-rate 1e-4` both work).
+Every recipe parses the same shared dataclasses plus its task's own (`Task.args`, e.g. `--box_format` for
+detection). `Literal` choices are checked by argparse for flags and by `validate` for values from YAML. A YAML file
+given with `--config` sets defaults; command-line flags override it (`--learning_rate 1e-4` and `--learning-rate
+1e-4` both work).
 """
 
 from __future__ import annotations
