@@ -1,7 +1,9 @@
 """Typed run configuration: one name, one default and one help text per option.
 
-Every recipe parses the same dataclasses. A YAML file given with `--config` sets defaults; command-line flags
-override it (`--learning_rate 1e-4` and `--learning-rate 1e-4` both work).
+Every recipe parses the same shared dataclasses plus its task's own (`Task.args`, e.g. `--box_format` for
+detection). `Literal` choices are checked by argparse for flags and by `validate` for values from YAML. A YAML file
+given with `--config` sets defaults; command-line flags override it (`--learning_rate 1e-4` and `--learning-rate
+1e-4` both work).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import argparse
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-STRATEGIES = ("linear-probe", "frozen-backbone", "full", "lora", "gradual-unfreeze", "zero-shot")
+Strategy = Literal["linear-probe", "frozen-backbone", "full", "lora", "gradual-unfreeze", "zero-shot"]
+STRATEGIES = get_args(Strategy)
 
 
 @dataclass
@@ -53,28 +56,8 @@ class DataArgs:
         },
     )
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip (turn off for digits, text, …)."})
-    on_bad_image: str = field(
+    on_bad_image: Literal["error", "skip"] = field(
         default="error", metadata={"help": "'error': stop naming the corrupt image; 'skip': drop it and count."}
-    )
-    # semantic segmentation (hftl/tasks/segmentation/task.py)
-    id2label: str | None = field(
-        default=None,
-        metadata={"help": "Segmentation: class id → name JSON (a file, or repo_id:file in a Hub dataset repo)."},
-    )
-    reduce_labels: bool | None = field(
-        default=None,
-        metadata={"help": "Segmentation: mask value 0 is 'other/background' to ignore, k becomes k-1 (ADE20k)."},
-    )
-    ignore_index: int = field(
-        default=255, metadata={"help": "Segmentation: mask value never counted in loss or metrics."}
-    )
-    mask_palette: str | None = field(
-        default=None, metadata={"help": "Segmentation: JSON {class: [r, g, b]} to read RGB colour masks."}
-    )
-    # object detection (hftl/tasks/detection/task.py)
-    box_format: str = field(
-        default="coco",
-        metadata={"help": "Detection: box layout in the objects column: coco [x, y, w, h], xyxy, or cxcywh (pixels)."},
     )
 
 
@@ -94,7 +77,7 @@ class ModelArgs:
 
 @dataclass
 class StrategyArgs:
-    strategy: str = field(default="full", metadata={"help": f"How to adapt the model: {', '.join(STRATEGIES)}."})
+    strategy: Strategy = field(default="full", metadata={"help": f"How to adapt the model: {', '.join(STRATEGIES)}."})
     layer_decay: float | None = field(
         default=None, metadata={"help": "Layer-wise LR decay (full, gradual-unfreeze): lr × decay^(depth from top)."}
     )
@@ -111,7 +94,9 @@ class StrategyArgs:
     lora_target_modules: str | None = field(
         default=None, metadata={"help": "Comma-separated module names for LoRA (default: per architecture)."}
     )
-    lora_method: str = field(default="lora", metadata={"help": "PEFT method: lora, dora, or loha."})
+    lora_method: Literal["lora", "dora", "loha"] = field(
+        default="lora", metadata={"help": "PEFT method: lora, dora, or loha."}
+    )
     merge_lora: bool = field(
         default=True, metadata={"help": "Also save merged weights so plain pipeline() loads the output folder."}
     )
@@ -146,13 +131,17 @@ class TrainArgs:
     eval_batch_size: int | None = field(default=None, metadata={"help": "Per-device eval batch size (default 2×)."})
     learning_rate: float = field(default=1.0e-3, metadata={"help": "Peak learning rate."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms and biases)."})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd."})
-    scheduler: str = field(default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."})
+    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata={"help": "adamw or sgd."})
+    scheduler: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata={"help": "cosine, linear or constant (after warmup)."}
+    )
     warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of steps for linear warmup."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps to accumulate per update."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing for classification."})
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (GPU); bf16 also on CPU."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(
+        default="no", metadata={"help": "no, bf16 or fp16 (GPU); bf16 also on CPU."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for data order, augmentation, init and splits."})
     eval_every_epochs: int = field(default=1, metadata={"help": "Evaluate every N epochs."})
     logging_steps: int = field(
@@ -253,14 +242,21 @@ class RunConfig:
     strategy: StrategyArgs
     train: TrainArgs
     hub: HubArgs
+    # the task's own options (its `Task.args` dataclass, e.g. hftl/tasks/detection/args.py); None for a task without
+    task: Any = None
 
     def to_dict(self) -> dict:
-        return {group: vars(getattr(self, group)).copy() for group in GROUPS}
+        values = {group: vars(getattr(self, group)).copy() for group in GROUPS}
+        if self.task is not None:
+            values["task"] = vars(self.task).copy()
+        return values
 
     @classmethod
-    def from_dict(cls, values: dict) -> RunConfig:
-        """The inverse of `to_dict` (e.g. the `config` a run wrote into its results file)."""
-        return cls(*(group_cls(**values[group]) for group, group_cls in zip(GROUPS, CONFIG_CLASSES, strict=True)))
+    def from_dict(cls, values: dict, task_args: type | None = None) -> RunConfig:
+        """The inverse of `to_dict` (e.g. the `config` a run wrote into its results file); `task_args` is the
+        task's options dataclass, where it has one."""
+        groups = (group_cls(**values[group]) for group, group_cls in zip(GROUPS, CONFIG_CLASSES, strict=True))
+        return cls(*groups, task=task_args(**values.get("task", {})) if task_args is not None else None)
 
 
 def config_file_values(parser, argv: list[str], defaults: dict | None = None) -> dict:
@@ -293,37 +289,66 @@ def _check_values(config: dict, known: dict) -> None:
             raise ValueError(f"Option {key}: {value!r} is a string; write floats with a dot, e.g. 5.0e-5.")
 
 
-def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> RunConfig:
-    """YAML (`--config`) < recipe defaults < command line."""
+def config_classes(task_args: type | None = None) -> tuple[type, ...]:
+    """The shared option dataclasses, then the task's own (if it has any)."""
+    return CONFIG_CLASSES if task_args is None else (*CONFIG_CLASSES, task_args)
+
+
+def parse_config(
+    argv: list[str] | None = None, defaults: dict | None = None, task_args: type | None = None
+) -> RunConfig:
+    """YAML (`--config`) < recipe defaults < command line. `task_args`: the task's options dataclass (`Task.args`)."""
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(CONFIG_CLASSES)
-    known = {f.name: f.type for cls in CONFIG_CLASSES for f in fields(cls)}
+    classes = config_classes(task_args)
+    # argparse's errors (a choice outside a Literal) become exceptions the caller sees, not an exit
+    parser = HfArgumentParser(classes, exit_on_error=False)
+    known = {f.name: f.type for cls in classes for f in fields(cls)}
     merged = config_file_values(parser, argv, defaults)
     _check_values(merged, known)
     parser.set_defaults(**merged)
-    # returns the dataclasses, a namespace holding --config, and the unparsed strings
-    *groups, _, extra = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    try:
+        # returns the dataclasses, a namespace holding --config, and the unparsed strings
+        *groups, _, extra = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except argparse.ArgumentError as error:
+        raise ValueError(f"{error}. Run with --help for the list.") from None
     if extra:
         raise ValueError(f"Unrecognised arguments {extra}. Run with --help for the list.")
-    config = RunConfig(*groups)
+    config = RunConfig(*groups[: len(GROUPS)], task=groups[len(GROUPS)] if task_args is not None else None)
     validate(config)
     return config
 
 
+def check_choices(options) -> None:
+    """Every `Literal[...]` option of a dataclass holds one of its choices. argparse checks flags; this catches the
+    values that bypass it (YAML files and recipe defaults, which become parser defaults, and code)."""
+    for name, kind in get_type_hints(type(options)).items():
+        choices = _literal_choices(kind)
+        value = getattr(options, name)
+        if choices and value not in choices:
+            shown = ", ".join(str(c) for c in choices if c is not None)
+            raise ValueError(f"--{name} {value!r}: choose one of {shown}.")
+
+
+def _literal_choices(kind) -> tuple:
+    """The choices of `Literal[...]` or `Literal[...] | None` (None among them); () for any other type."""
+    if get_origin(kind) is Literal:
+        return get_args(kind)
+    parts = get_args(kind)
+    literals = [part for part in parts if get_origin(part) is Literal]
+    if not literals:
+        return ()
+    return tuple(c for part in literals for c in get_args(part)) + ((None,) if type(None) in parts else ())
+
+
 def validate(config: RunConfig) -> None:
-    if config.strategy.strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {config.strategy.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
-    if config.data.on_bad_image not in ("error", "skip"):
-        raise ValueError("--on_bad_image must be 'error' or 'skip'.")
-    if config.train.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError("--mixed_precision must be no, bf16 or fp16.")
+    for group in (*GROUPS, "task"):
+        if getattr(config, group) is not None:
+            check_choices(getattr(config, group))
     for name in ("batch_size", "gradient_accumulation_steps", "eval_every_epochs", "logging_steps"):
         if getattr(config.train, name) < 1:
             raise ValueError(f"--{name} must be at least 1 (got {getattr(config.train, name)}).")
-    if config.train.scheduler not in ("cosine", "linear", "constant"):
-        raise ValueError("--scheduler must be cosine, linear or constant.")
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name.")
     if config.strategy.prompt_templates is not None:

@@ -23,12 +23,12 @@ from hftl.outputs import save_model, write_results
 from hftl.preflight import preflight
 from hftl.strategies import apply_strategy, enable_activation_checkpointing
 from hftl.system import configure_threads
-from hftl.tasks import DataSpec, Task, get_task
+from hftl.tasks import DataSpec, Task, get_task, task_args
 from hftl.trainer import evaluate, make_loader, train
 
 
 def run(task_name: str, argv: list[str] | None = None, defaults: dict | None = None) -> dict:
-    config = parse_config(argv, defaults)
+    config = parse_config(argv, defaults, task_args(task_name))
     return run_config(task_name, config)
 
 

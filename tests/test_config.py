@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from hftl.config import parse_config
+from hftl.tasks import task_args
 
 
 def test_yaml_then_cli_override(tmp_path):
@@ -53,7 +54,7 @@ def test_every_shipped_config_parses():
         assert text.startswith("#"), f"{path} needs a header comment with its launch command"
         if "compare" in path.parts:
             continue  # compare has its own options (tests/test_compare.py)
-        parse_config(["--config", str(path)])
+        parse_config(["--config", str(path)], task_args=task_args(path.parent.name))
 
 
 def test_help_documents_every_option():
@@ -63,6 +64,31 @@ def test_help_documents_every_option():
     for option in ("--dataset", "--strategy", "--lora_r", "--layer_decay", "--resume_from_checkpoint", "--shots"):
         assert option in out
     assert "Layer-wise LR decay" in out
+    for other_tasks_option in ("--reduce_labels", "--ignore_index", "--mask_palette", "--box_format"):
+        assert other_tasks_option not in out  # each task owns its options
+
+
+def test_task_options_belong_to_their_task(tmp_path):
+    config = parse_config(["--box_format", "xyxy"], task_args=task_args("detection"))
+    assert config.task.box_format == "xyxy" and config.to_dict()["task"] == {"box_format": "xyxy"}
+    config = parse_config(["--reduce_labels", "true", "--ignore_index", "0"], task_args=task_args("segmentation"))
+    assert config.task.reduce_labels is True and config.task.ignore_index == 0
+    with pytest.raises(ValueError, match="box_format"):
+        parse_config(["--box_format", "xyxy"])  # a classification run has no box format
+    path = tmp_path / "seg.yaml"
+    path.write_text("box_format: xyxy\n")
+    with pytest.raises(ValueError, match="box_format"):
+        parse_config(["--config", str(path)], task_args=task_args("segmentation"))
+
+
+def test_choices_are_checked_from_flags_and_from_yaml(tmp_path):
+    with pytest.raises(ValueError, match="invalid choice.*cxcywh"):
+        parse_config(["--box_format", "xywh"], task_args=task_args("detection"))
+    for option, value in (("box_format", "xywh"), ("scheduler", "step"), ("on_bad_image", "ignore")):
+        path = tmp_path / "run.yaml"
+        path.write_text(f"{option}: {value}\n")
+        with pytest.raises(ValueError, match=f"--{option} '{value}': choose one of"):
+            parse_config(["--config", str(path)], task_args=task_args("detection"))
 
 
 def test_default_dataloader_workers_follow_the_hardware():

@@ -18,9 +18,10 @@ import torch
 from datasets import Dataset, DatasetDict
 from PIL import Image
 
-from hftl.config import DataArgs, ModelArgs
+from hftl.config import DataArgs, HubArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
 from hftl.synthetic import SHAPE_CLASSES, make_shapes
 from hftl.tasks.detection import data as dd
+from hftl.tasks.detection.args import DetectionArgs
 from hftl.tasks.detection.eval import DetectionEvaluator
 from hftl.tasks.detection.task import DetectionTask, apply_box_augmentation, box_augmentation
 
@@ -35,9 +36,9 @@ def shapes() -> DatasetDict:
     return dd.load_shapes_detection(image_size=SIZE, split_sizes={"train": 48, "validation": 16, "test": 16})
 
 
-def _task(**data) -> tuple[DetectionTask, DataArgs]:
+def _task(box_format: str = "coco", **data) -> tuple[DetectionTask, DataArgs]:
     data_args = DataArgs(dataset=data.pop("dataset", "hftl/shapes-detection"), **data)
-    config = type("Config", (), {"data": data_args})()
+    config = RunConfig(data_args, ModelArgs(), StrategyArgs(), TrainArgs(), HubArgs(), DetectionArgs(box_format))
     return DetectionTask(config), data_args
 
 
@@ -306,10 +307,10 @@ def _untrained_map50(argv) -> float:
 
     from hftl.config import parse_config
     from hftl.runner import prepare_data
-    from hftl.tasks import get_task
+    from hftl.tasks import get_task, task_args
     from hftl.trainer import evaluate, make_loader
 
-    config = parse_config(argv)
+    config = parse_config(argv, task_args=task_args("detection"))
     task = get_task("detection", config)
     dsd, spec = prepare_data(task, config)
     names = spec.label_names

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,11 @@ from datasets import Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from hftl.config import DataArgs, ModelArgs
+from hftl.config import DataArgs, HubArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs
 from hftl.data import add_row_numbers
 from hftl.synthetic import make_shapes
 from hftl.tasks.segmentation import data as sd
+from hftl.tasks.segmentation.args import SegmentationArgs
 from hftl.tasks.segmentation.data import load_shapes_segmentation
 from hftl.tasks.segmentation.eval import SegmentationEvaluator, metrics_from_confusion
 from hftl.tasks.segmentation.task import SegmentationTask
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE_CLASSES = ("background", "circle", "square", "triangle")
 ID2LABEL = dict(enumerate(SHAPE_CLASSES))
 SIZE = 64
+SEGMENTATION_OPTIONS = {f.name for f in fields(SegmentationArgs)}
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------------
@@ -40,13 +43,9 @@ def shapes() -> DatasetDict:
 
 
 def _task(**data) -> tuple[SegmentationTask, DataArgs]:
+    own = {name: data.pop(name) for name in SEGMENTATION_OPTIONS if name in data}
     data_args = DataArgs(dataset=data.pop("dataset", "hftl/shapes-segmentation"), **data)
-
-    class Config:  # the task reads only the data options here
-        pass
-
-    config = Config()
-    config.data = data_args
+    config = RunConfig(data_args, ModelArgs(), StrategyArgs(), TrainArgs(), HubArgs(), SegmentationArgs(**own))
     return SegmentationTask(config), data_args
 
 

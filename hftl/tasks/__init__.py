@@ -8,7 +8,7 @@ from importlib import import_module
 
 from hftl.tasks.base import DataSpec, Task
 
-__all__ = ["DataSpec", "Task", "get_task"]
+__all__ = ["DataSpec", "Task", "get_task", "task_args"]
 
 TASK_MODULES = {
     "classification": "hftl.tasks.classification.task",
@@ -17,9 +17,18 @@ TASK_MODULES = {
 }
 
 
-def get_task(name: str, config=None) -> Task:
-    """The task object for a run; a module's TASK may be a class (built with the run's config) or an instance."""
+def _task_definition(name: str):
     if name not in TASK_MODULES:
         raise ValueError(f"Unknown task {name!r}; choose one of {sorted(TASK_MODULES)}.")
-    task = import_module(TASK_MODULES[name]).TASK
+    return import_module(TASK_MODULES[name]).TASK
+
+
+def get_task(name: str, config=None) -> Task:
+    """The task object for a run; a module's TASK may be a class (built with the run's config) or an instance."""
+    task = _task_definition(name)
     return task(config) if isinstance(task, type) else task
+
+
+def task_args(name: str) -> type | None:
+    """The dataclass of the task's own options (`Task.args`), which the recipe's parser adds to the shared ones."""
+    return _task_definition(name).args

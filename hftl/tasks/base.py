@@ -43,6 +43,9 @@ class Task:
     pipeline_tag: str = ""  # "image-classification" | "object-detection" | "image-segmentation"
     main_metric: str = ""  # default metric for best-model selection / early stopping (e.g. "accuracy", "map_50")
     greater_is_better: bool = True  # for main_metric; metrics ending in "loss" are always lower-is-better
+    # the dataclass of options only this task reads (e.g. hftl/tasks/detection/args.py); the recipe's parser adds
+    # it to the shared ones and the run's `config.task` holds its values. None: the task has no options of its own.
+    args: type | None = None
 
     # set by `label_names` (the columns it detected); read through `data_spec`
     image_column: str | None = None
@@ -50,6 +53,9 @@ class Task:
 
     def __init__(self, config=None):
         self.config = config
+        # the task's own options: the run's, or the defaults when built without a config (tests, tools)
+        given = config.task if config is not None else None
+        self.options = given if given is not None or self.args is None else self.args()
 
     # --- data ------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:

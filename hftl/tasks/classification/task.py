@@ -41,7 +41,7 @@ class ClassificationTask(Task):
     greater_is_better = True
 
     def __init__(self, config=None):
-        self.config = config
+        super().__init__(config)
         self.label_smoothing = config.train.label_smoothing if config is not None else 0.0
         self.image_column = None
         self.label_column = None

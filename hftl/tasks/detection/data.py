@@ -20,6 +20,7 @@ from PIL import Image
 
 from hftl.data import IMAGE_COLUMN_NAMES
 from hftl.synthetic import SHAPE_CLASSES, make_shapes
+from hftl.tasks.detection.args import BOX_FORMATS
 
 SHAPES_SPLITS = {"train": 600, "validation": 80, "test": 120}
 SHAPES_SEEDS = {"train": 10, "validation": 11, "test": 12}
@@ -29,7 +30,6 @@ SHAPES_EMPTY_FRACTION = 0.05  # a few images with no objects: negatives, as in r
 OBJECTS_COLUMN_NAMES = ("objects", "annotations", "objects_", "labels")
 BOX_KEYS = ("bbox", "bboxes", "boxes", "box")
 CATEGORY_KEYS = ("category", "category_id", "categories", "label", "labels", "class")
-BOX_FORMATS = ("coco", "xyxy", "cxcywh")
 COCO_FILE_NAMES = ("annotations.json", "_annotations.coco.json", "instances.json")
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
 # A COCO box may poke out of the image by annotation slop; beyond this share of the image it is a format mistake.

@@ -23,6 +23,7 @@ from hftl.modeling import ensure_rgb, processor_mean_std
 from hftl.strategies import peft_base
 from hftl.tasks.base import Task
 from hftl.tasks.detection import data as dd
+from hftl.tasks.detection.args import DetectionArgs
 from hftl.tasks.detection.eval import DetectionEvaluator
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,11 @@ class DetectionTask(Task):
     main_metric = "map_50"
     greater_is_better = True
 
+    args = DetectionArgs
+
     def __init__(self, config=None):
-        self.config = config
-        self.box_format = getattr(config.data, "box_format", "coco") if config is not None else "coco"
+        super().__init__(config)
+        self.box_format = self.options.box_format
         self.image_column = None
         self.objects_column = None
         self.label_column = None  # no per-image class: few-shot sampling does not apply
@@ -51,8 +54,6 @@ class DetectionTask(Task):
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         self.dropped_boxes = 0
         self._takes_pixel_mask = True
-        if self.box_format not in dd.BOX_FORMATS:
-            raise ValueError(f"--box_format {self.box_format!r}: choose one of {', '.join(dd.BOX_FORMATS)}.")
 
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:

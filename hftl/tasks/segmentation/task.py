@@ -19,6 +19,7 @@ from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std, 
 from hftl.strategies import peft_base
 from hftl.tasks.base import Task
 from hftl.tasks.segmentation import data as sd
+from hftl.tasks.segmentation.args import SegmentationArgs
 from hftl.tasks.segmentation.eval import SegmentationEvaluator
 
 SHAPES_DATASET = "hftl/shapes-segmentation"
@@ -49,13 +50,14 @@ class SegmentationTask(Task):
     main_metric = "mean_iou"
     greater_is_better = True
 
+    args = SegmentationArgs
+
     def __init__(self, config=None):
-        self.config = config
-        data = config.data if config is not None else None
-        self.ignore_index = int(getattr(data, "ignore_index", 255))
-        self.reduce_labels = getattr(data, "reduce_labels", None)
-        self.id2label_spec = getattr(data, "id2label", None)
-        self.palette_spec = getattr(data, "mask_palette", None)
+        super().__init__(config)
+        self.ignore_index = int(self.options.ignore_index)
+        self.reduce_labels = self.options.reduce_labels
+        self.id2label_spec = self.options.id2label
+        self.palette_spec = self.options.mask_palette
         self.image_column = None
         self.mask_column = None
         self.label_column = None  # no per-image class label: few-shot sampling does not apply
