@@ -16,9 +16,10 @@ from datasets import DatasetDict
 
 from hftl import wiseft, zeroshot
 from hftl.config import RunConfig, parse_config
-from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
+from hftl.data import load_dataset_dict, standard_splits, subsample
 from hftl.fastpaths import probe_features
 from hftl.fastpaths.processed_cache import cache_processed
+from hftl.image_check import check_images
 from hftl.outputs import save_model, write_results
 from hftl.preflight import preflight
 from hftl.strategies import apply_strategy, enable_activation_checkpointing
@@ -69,8 +70,9 @@ def _check_output_dir(config: RunConfig) -> None:
         )
 
 
-def prepare_data(task: Task, config: RunConfig) -> tuple[DatasetDict, DataSpec]:
-    """Loads and checks the dataset; returns (DatasetDict with train/validation/test, what the task found in it)."""
+def prepare_data(task: Task, config: RunConfig, skipped: dict | None = None) -> tuple[DatasetDict, DataSpec]:
+    """Loads and checks the dataset; returns (DatasetDict with train/validation/test, what the task found in it).
+    Images dropped by `--on_bad_image skip` are added to `skipped` ({split: [file, ...]}) when given."""
     data_args, seed = config.data, config.train.seed
     dsd = load_dataset_dict(data_args, task)
     dsd = standard_splits(dsd, data_args, seed, stratify_column=data_args.label_column or "label")
@@ -78,7 +80,9 @@ def prepare_data(task: Task, config: RunConfig) -> tuple[DatasetDict, DataSpec]:
     dsd = task.encode_labels(dsd, spec.label_names)
     dsd = subsample(dsd, data_args, seed, spec.label_column)
     if spec.image_column:
-        dsd = check_images(dsd, spec.image_column, data_args.on_bad_image)
+        dsd, dropped = check_images(dsd, spec.image_column, data_args.on_bad_image)
+        if skipped is not None:
+            skipped.update(dropped)
     return dsd, spec
 
 
@@ -90,8 +94,9 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     accelerator = _make_accelerator(config)
     accelerator.print(f"torch threads: {threads[0]} ({threads[1]})")
     task = get_task(task_name, config)
+    skipped_images = {}
     with accelerator.main_process_first():
-        dsd, spec = prepare_data(task, config)
+        dsd, spec = prepare_data(task, config, skipped_images)
     names, id2label = spec.label_names, spec.id2label
     accelerator.print(
         f"data: {config.data.dataset}: {len(names)} classes; "
@@ -171,6 +176,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         "metric_for_best": main_metric,
         "labels": names,
         "num_samples": {split: len(ds) for split, ds in dsd.items()},
+        "skipped_images": skipped_images,
         "trainable_parameters": adapted.trainable,
         "total_parameters": adapted.total,
         "train": {
