@@ -38,7 +38,9 @@ def load_dataset_dict(data_args, task) -> DatasetDict:
     if name in BUNDLED_DATASETS:
         return load_bundled_dataset(name)
     if os.path.isdir(name):
-        return task.load_local(name, data_args)
+        from hftl.local_data import load_hub_layout
+
+        return load_hub_layout(name) or task.load_local(name, data_args)
     if os.path.exists(name) or name.startswith((".", "/")):
         raise FileNotFoundError(f"Dataset path {name!r} is not a folder.")
     import datasets

@@ -50,15 +50,16 @@ class ClassificationTask(Task):
 
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:
-        from datasets import load_dataset
         from datasets.data_files import EmptyDatasetError
+
+        from hftl.local_data import load_imagefolder
 
         layout = (
             f"imagefolder needs one sub-folder per class (e.g. {path}/cat/1.jpg, {path}/dog/2.jpg), optionally "
             f"under split folders ({path}/train/cat/1.jpg, {path}/test/...)"
         )
         try:
-            dsd = load_dataset("imagefolder", data_dir=path)
+            dsd = load_imagefolder(path)
         except EmptyDatasetError:
             raise ValueError(f"Dataset folder {path!r} holds no image files. {layout}.") from None
         features = next(iter(dsd.values())).features
