@@ -49,7 +49,8 @@ class DataArgs:
         default=2048,
         metadata={
             "help": "Classification: decode the train images once and augment them as uint8 tensors when their "
-            "pixels (kept at the size the random crop needs) fit in this many MB per process; 0 decodes every epoch."
+            "pixels (kept at the size the random crop needs) fit in this many MB per node (one memory-mapped "
+            "copy shared by the local ranks and their workers); 0 decodes every epoch."
         },
     )
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip (turn off for digits, text, …)."})
