@@ -55,8 +55,21 @@ class DataArgs:
     )
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip (turn off for digits, text, …)."})
     on_bad_image: str = field(
-        default="error", metadata={"help": "'error': stop naming the corrupt image; 'skip': drop it and count."}
+        default="error",
+        metadata={
+            "help": "'error': open every image before training (headers and a reduced-scale decode, in threads) and "
+            "stop naming all unreadable ones; 'skip': drop them and name them in all_results.json. A --streaming "
+            "train split is checked on the fly instead: bad images are skipped and named at each epoch's end."
+        },
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Classification: read the train split as a stream (datasets IterableDataset, per-rank shards, a "
+            "shuffle buffer) for data larger than disk or memory; evaluation uses a fixed, non-streamed split."
+        },
+    )
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "--streaming: rows in the shuffle buffer."})
     # semantic segmentation (hftl/tasks/segmentation/task.py)
     id2label: str | None = field(
         default=None,

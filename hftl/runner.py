@@ -94,13 +94,18 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     accelerator = _make_accelerator(config)
     accelerator.print(f"torch threads: {threads[0]} ({threads[1]})")
     task = get_task(task_name, config)
-    skipped_images = {}
+    skipped_images, stream = {}, None
     with accelerator.main_process_first():
-        dsd, spec = prepare_data(task, config, skipped_images)
+        if config.data.streaming:
+            from hftl.streaming import prepare_streaming
+
+            dsd, spec, stream = prepare_streaming(task, config, skipped_images)
+        else:
+            dsd, spec = prepare_data(task, config, skipped_images)
     names, id2label = spec.label_names, spec.id2label
+    sizes = {split: len(ds) for split, ds in dsd.items()} | ({"train": stream[1]} if stream else {})
     accelerator.print(
-        f"data: {config.data.dataset}: {len(names)} classes; "
-        + ", ".join(f"{split} {len(ds)}" for split, ds in dsd.items())
+        f"data: {config.data.dataset}: {len(names)} classes; " + ", ".join(f"{k} {v}" for k, v in sizes.items())
     )
     # new heads and adapters (LoRA's A matrices) are drawn from the global RNG: --seed decides them, not whatever
     # ran earlier in this process
@@ -127,11 +132,19 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     prepared = cache_processed(prepared, task.deterministic_splits(config.data))
     train_adapted, train_ds, eval_ds, collate = adapted, prepared["train"], prepared["validation"], task.collate
     probe, decoded = None, None
-    if config.strategy.strategy == "linear-probe" and config.train.cache_features:
+    if stream is not None:  # --streaming: this rank's shards of the train stream (hftl/streaming.py)
+        from hftl.streaming import StreamedSplit
+
+        train_transform = prepared["train"].format["format_kwargs"]["transform"]
+        train_ds = StreamedSplit(
+            stream[0], train_transform, spec.image_column, stream[1], config.train.seed,
+            config.data.shuffle_buffer_size, accelerator.process_index, accelerator.num_processes,
+        )  # fmt: skip
+    elif config.strategy.strategy == "linear-probe" and config.train.cache_features:
         probe = probe_features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
         if probe is not None:  # the head trains on cached backbone features; adapted.model gets the trained head
             train_adapted, train_ds, eval_ds, collate = probe
-    if probe is None and adapted.trainable:
+    if stream is None and probe is None and adapted.trainable:
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
         if decoded is not None:  # augmented epochs from images decoded once (hftl/fastpaths/decoded_images.py)
             train_ds = decoded
@@ -153,6 +166,12 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             greater,
         )
     model = accelerator.unwrap_model(adapted.model)
+    if stream is not None:
+        from accelerate.utils import gather_object
+
+        streamed_bad = sorted(set(gather_object(train_ds.skipped)))
+        if streamed_bad:
+            skipped_images["train"] = streamed_bad
 
     eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
     test_loader = accelerator.prepare(
@@ -175,7 +194,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         "strategy": config.strategy.strategy,
         "metric_for_best": main_metric,
         "labels": names,
-        "num_samples": {split: len(ds) for split, ds in dsd.items()},
+        "num_samples": sizes,
         "skipped_images": skipped_images,
         "trainable_parameters": adapted.trainable,
         "total_parameters": adapted.total,
