@@ -178,7 +178,7 @@ import numpy as np
 from PIL import Image
 from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
-import hftl.decoded as decoded
+import hftl.fastpaths.decoded_images as decoded
 
 accelerator = Accelerator(cpu=True)
 writes = []

@@ -13,7 +13,7 @@ from PIL import Image
 import hftl.local_data as local_data
 from hftl.config import DataArgs
 from hftl.data import load_dataset_dict
-from hftl.tasks.classification import ClassificationTask
+from hftl.tasks.classification.task import ClassificationTask
 from tests.fixtures.data import make_colour_images
 
 
