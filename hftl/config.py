@@ -59,7 +59,8 @@ class DataArgs:
         metadata={
             "help": "'error': open every image before training (headers and a reduced-scale decode, in threads) and "
             "stop naming all unreadable ones; 'skip': drop them and name them in all_results.json. A --streaming "
-            "train split is checked on the fly instead: bad images are skipped and named at each epoch's end."
+            "train split, or a train split over 100k rows (where opening every image first would take minutes), is "
+            "checked as it is read instead: unreadable images are skipped and named (all_results.json)."
         },
     )
     streaming: bool = field(

@@ -20,6 +20,7 @@ from hftl.system import cores_per_local_process
 
 BATCH_ROWS = 1024  # encoded images held at once per split (x the pool's threads in flight)
 SHOWN = 10  # bad files named per split in an error message
+UP_FRONT_MAX_ROWS = 100_000  # larger train splits are checked as they are read
 
 
 def find_bad_images(dsd: DatasetDict, image_column: str) -> dict[str, list[tuple[int, str]]]:
@@ -36,10 +37,21 @@ def find_bad_images(dsd: DatasetDict, image_column: str) -> dict[str, list[tuple
     return found
 
 
-def check_images(dsd: DatasetDict, image_column: str, on_bad_image: str = "error"):
+def check_images(
+    dsd: DatasetDict, image_column: str, on_bad_image: str = "error", up_front_max_rows: int | None = None
+):
     """Returns (the splits without unreadable images, {split: [skipped file, ...]}). With on_bad_image 'error',
-    raises naming the bad files of every split instead."""
-    bad = {split: rows for split, rows in find_bad_images(dsd, image_column).items() if rows}
+    raises naming the bad files of every split instead. A train split over `up_front_max_rows` rows is not opened
+    here (that would cost minutes at a million rows): its images are checked as they are read (`decode_readable`)."""
+    limit = UP_FRONT_MAX_ROWS if up_front_max_rows is None else up_front_max_rows
+    deferred = "train" in dsd and len(dsd["train"]) > limit
+    if deferred:
+        print(
+            f"train: {len(dsd['train'])} rows, over {limit}: its images are checked as they are read (unreadable ones "
+            "skipped and named in all_results.json), not before training."
+        )
+    checked = DatasetDict({k: v for k, v in dsd.items() if not (deferred and k == "train")})
+    bad = {split: rows for split, rows in find_bad_images(checked, image_column).items() if rows}
     if bad and on_bad_image == "error":
         lines = []
         for split, rows in bad.items():
@@ -68,6 +80,23 @@ def check_images(dsd: DatasetDict, image_column: str, on_bad_image: str = "error
             f"Skipping {unique} unreadable image(s) ({per_split}); named in all_results.json under 'skipped_images'."
         )
     return DatasetDict(out), skipped
+
+
+def decode_readable(items: list, labels: list, skipped: list) -> tuple[list, list]:
+    """(images, labels) of the readable items of a batch (encoded, or already decoded PIL images); the others are
+    dropped and their names appended to `skipped`."""
+    images, kept = [], []
+    for item, label in zip(items, labels):
+        if isinstance(item, dict):
+            try:
+                item = ImageFeature().decode_example(item)  # exactly as datasets decodes it
+            except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError):
+                skipped.append(describe(item))
+                print(f"skipped an unreadable image: {describe(item)}")
+                continue
+        images.append(item)
+        kept.append(label)
+    return images, kept
 
 
 def image_ok(item) -> bool:

@@ -166,12 +166,13 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             greater,
         )
     model = accelerator.unwrap_model(adapted.model)
-    if stream is not None:
-        from accelerate.utils import gather_object
+    # train images skipped as they were read (a stream, or a train split too large to check up front)
+    from accelerate.utils import gather_object
 
-        streamed_bad = sorted(set(gather_object(train_ds.skipped)))
-        if streamed_bad:
-            skipped_images["train"] = streamed_bad
+    read_bad = train_ds.skipped if stream is not None else getattr(task, "unreadable", [])
+    read_bad = sorted(set(gather_object(list(read_bad)))) if accelerator.num_processes > 1 else sorted(set(read_bad))
+    if read_bad:
+        skipped_images["train"] = sorted(set(skipped_images.get("train", [])) | set(read_bad))
 
     eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
     test_loader = accelerator.prepare(

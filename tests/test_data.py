@@ -181,3 +181,23 @@ def test_single_image_class_stays_in_train_and_the_rest_is_still_stratified():
         assert dsd["train"]["label"].count(2) == 1
         assert sorted(np.bincount(dsd["validation"]["label"], minlength=3)) == [0, 2, 2]  # stratified: 2 a, 2 b
         assert len(dsd["train"]) + len(dsd["validation"]) == len(labels)
+
+
+def test_a_large_train_split_is_checked_as_it_is_read(tmp_path):
+    """Over the up-front limit the train split is not opened before training; its bad images are skipped when read
+    and named, while the other splits are still checked first."""
+    dsd = _with_bad_files(tmp_path)
+    kept, skipped = check_images(dsd, "image", on_bad_image="skip", up_front_max_rows=2)
+    assert len(kept["train"]) == 3 and skipped == {
+        "validation": [str(tmp_path / "truncated.jpg")],
+        "test": [str(tmp_path / "truncated.jpg")],
+    }
+    from transformers import ViTImageProcessor
+
+    task = ClassificationTask()
+    task.image_column, task.label_column = "image", "label"
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    train = task.prepare(kept, processor, DataArgs(image_size=8))["train"]
+    batch = train.__getitems__([0, 1, 2])
+    assert len(batch) == 2 and [item["labels"] for item in batch] == [0, 0]
+    assert task.unreadable == [str(tmp_path / "broken.jpg")]

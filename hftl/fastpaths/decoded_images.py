@@ -81,6 +81,13 @@ def _header(item) -> tuple[int, int, bool, bool]:
     return (height, width, True, True) if swapped else (width, height, orientation is not None, False)
 
 
+def _safe_header(item):
+    try:
+        return _header(item)
+    except (OSError, ValueError, TypeError, SyntaxError):
+        return None
+
+
 def decode_images(dataset, image_column: str, min_area: int, max_mb: float):
     """Decodes `dataset[image_column]` into a `DecodedImages`, or returns None when the pixels would not fit in
     `max_mb` (decided from the headers) or the column holds no encoded images.
@@ -94,7 +101,10 @@ def decode_images(dataset, image_column: str, min_area: int, max_mb: float):
     # one batch of encoded images in memory at a time: the files may be far larger than what is kept
     raw = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
     sample = raw.select(range(min(SAMPLE_ROWS, len(raw))))[image_column]
-    mean = np.mean([3 * math.prod(stored_size(*_header(item)[:2], min_area)) for item in sample])
+    try:
+        mean = np.mean([3 * math.prod(stored_size(*_header(item)[:2], min_area)) for item in sample])
+    except (OSError, ValueError, TypeError, SyntaxError):  # an unreadable image (a large split is checked as read)
+        return None
     if mean * len(raw) / 2**20 > max_mb * 1.25:  # clearly over: not worth reading every header to be sure
         return None
     from accelerate import PartialState
@@ -122,7 +132,10 @@ def _write(raw, image_column: str, min_area: int, max_mb: float, path: Path) -> 
     # the other local ranks wait meanwhile: this process may use the node's cores
     threads = cores_per_local_process(local_processes=1)
     with ThreadPoolExecutor(threads) as pool:
-        headers = [h for batch in raw.iter(batch_size=256) for h in pool.map(_header, batch[image_column])]
+        headers = [h for batch in raw.iter(batch_size=256) for h in pool.map(_safe_header, batch[image_column])]
+    if None in headers:  # an unreadable image: the per-epoch path reads the split and skips it
+        np.savez(path.with_suffix(".npz"), offsets=np.zeros(0, np.int64), shapes=np.zeros((0, 2), np.int32))
+        return
     sizes = [stored_size(w, h, min_area) for w, h, _, _ in headers]
     lengths = np.array([3 * w * h for w, h in sizes], dtype=np.int64)
     if lengths.sum() / 2**20 > max_mb:
