@@ -169,7 +169,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     # train images skipped as they were read (a stream, or a train split too large to check up front)
     from accelerate.utils import gather_object
 
-    read_bad = train_ds.skipped if stream is not None else getattr(task, "unreadable", [])
+    read_bad = train_ds.skipped if stream is not None else task.unreadable_train_images()
     read_bad = sorted(set(gather_object(list(read_bad)))) if accelerator.num_processes > 1 else sorted(set(read_bad))
     if read_bad:
         skipped_images["train"] = sorted(set(skipped_images.get("train", [])) | set(read_bad))

@@ -212,6 +212,9 @@ class ClassificationTask(Task):
         augment = v2.Compose(_random_crop_and_flip(processor, data_args))
         return AugmentedDecodedSplit(images, list(train[self.label_column]), augment)
 
+    def unreadable_train_images(self) -> list[str]:
+        return list(self.unreadable)
+
     @staticmethod
     def deterministic_splits(data_args) -> list[str]:
         """Splits whose preprocessing has no randomness: the runner caches their tensors after the first pass."""
