@@ -52,13 +52,28 @@ class DataArgs:
         default=2048,
         metadata={
             "help": "Classification: decode the train images once and augment them as uint8 tensors when their "
-            "pixels (kept at the size the random crop needs) fit in this many MB per process; 0 decodes every epoch."
+            "pixels (kept at the size the random crop needs) fit in this many MB per node (one memory-mapped "
+            "copy shared by the local ranks and their workers); 0 decodes every epoch."
         },
     )
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip (turn off for digits, text, …)."})
     on_bad_image: Literal["error", "skip"] = field(
-        default="error", metadata={"help": "'error': stop naming the corrupt image; 'skip': drop it and count."}
+        default="error",
+        metadata={
+            "help": "'error': open every image before training (headers and a reduced-scale decode, in threads) and "
+            "stop naming all unreadable ones; 'skip': drop them and name them in all_results.json. A --streaming "
+            "train split, or a train split over 100k rows (where opening every image first would take minutes), is "
+            "checked as it is read instead: unreadable images are skipped and named (all_results.json)."
+        },
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Classification: read the train split as a stream (datasets IterableDataset, per-rank shards, a "
+            "shuffle buffer) for data larger than disk or memory; evaluation uses a fixed, non-streamed split."
+        },
+    )
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "--streaming: rows in the shuffle buffer."})
 
 
 @dataclass

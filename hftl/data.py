@@ -6,15 +6,12 @@ what to change.
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import warnings
 from collections import defaultdict
 
 from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets
-from datasets import Image as ImageFeature
-from PIL import Image, UnidentifiedImageError
 
 # conventional names of the image column, in the order they are preferred when a dataset has several
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
@@ -41,7 +38,9 @@ def load_dataset_dict(data_args, task) -> DatasetDict:
     if name in BUNDLED_DATASETS:
         return load_bundled_dataset(name)
     if os.path.isdir(name):
-        return task.load_local(name, data_args)
+        from hftl.local_data import load_hub_layout
+
+        return load_hub_layout(name) or task.load_local(name, data_args)
     if os.path.exists(name) or name.startswith((".", "/")):
         raise FileNotFoundError(f"Dataset path {name!r} is not a folder.")
     import datasets
@@ -148,47 +147,6 @@ def few_shot(train: Dataset, label_column: str | None, shots: int, seed: int) ->
     rng = random.Random(seed)
     chosen = sorted(i for label in sorted(by_class) for i in rng.sample(by_class[label], shots))
     return train.select(chosen)
-
-
-def check_images(dsd: DatasetDict, image_column: str, on_bad_image: str = "error") -> DatasetDict:
-    """Opens every image once (header and data) so a corrupt file is named before training starts."""
-    out = {}
-    for split, ds in dsd.items():
-        if not isinstance(ds.features.get(image_column), ImageFeature):
-            out[split] = ds
-            continue
-        raw = ds.cast_column(image_column, ImageFeature(decode=False))
-        bad = [(i, _describe(item)) for i, item in enumerate(raw[image_column]) if not _image_ok(item)]
-        if bad and on_bad_image == "error":
-            where = ", ".join(f"row {i} ({what})" for i, what in bad[:5])
-            raise ValueError(
-                f"{len(bad)} unreadable image(s) in the {split} split: {where}. Fix or remove them, or pass "
-                "--on_bad_image skip to drop them."
-            )
-        if bad:
-            print(f"Skipping {len(bad)} unreadable image(s) in the {split} split.")
-            keep = sorted(set(range(len(ds))) - {i for i, _ in bad})
-            ds = ds.select(keep)
-        out[split] = ds
-    return DatasetDict(out)
-
-
-def _image_ok(item) -> bool:
-    if item is None:
-        return False
-    try:
-        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-        with Image.open(source) as image:
-            image.load()
-        return True
-    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError):
-        return False
-
-
-def _describe(item) -> str:
-    if item is None:
-        return "missing"
-    return item.get("path") or f"{len(item.get('bytes') or b'')} bytes"
 
 
 def _pick(dsd: DatasetDict, requested: str | None, names: tuple, option: str):

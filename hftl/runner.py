@@ -16,9 +16,10 @@ from datasets import DatasetDict
 
 from hftl import wiseft, zeroshot
 from hftl.config import RunConfig, parse_config
-from hftl.data import check_images, load_dataset_dict, standard_splits, subsample
+from hftl.data import load_dataset_dict, standard_splits, subsample
 from hftl.fastpaths import probe_features
 from hftl.fastpaths.processed_cache import cache_processed
+from hftl.image_check import check_images
 from hftl.outputs import save_model, write_results
 from hftl.preflight import preflight
 from hftl.strategies import apply_strategy, enable_activation_checkpointing
@@ -69,8 +70,9 @@ def _check_output_dir(config: RunConfig) -> None:
         )
 
 
-def prepare_data(task: Task, config: RunConfig) -> tuple[DatasetDict, DataSpec]:
-    """Loads and checks the dataset; returns (DatasetDict with train/validation/test, what the task found in it)."""
+def prepare_data(task: Task, config: RunConfig, skipped: dict | None = None) -> tuple[DatasetDict, DataSpec]:
+    """Loads and checks the dataset; returns (DatasetDict with train/validation/test, what the task found in it).
+    Images dropped by `--on_bad_image skip` are added to `skipped` ({split: [file, ...]}) when given."""
     data_args, seed = config.data, config.train.seed
     dsd = load_dataset_dict(data_args, task)
     dsd = standard_splits(dsd, data_args, seed, stratify_column=data_args.label_column or "label")
@@ -78,7 +80,9 @@ def prepare_data(task: Task, config: RunConfig) -> tuple[DatasetDict, DataSpec]:
     dsd = task.encode_labels(dsd, spec.label_names)
     dsd = subsample(dsd, data_args, seed, spec.label_column)
     if spec.image_column:
-        dsd = check_images(dsd, spec.image_column, data_args.on_bad_image)
+        dsd, dropped = check_images(dsd, spec.image_column, data_args.on_bad_image)
+        if skipped is not None:
+            skipped.update(dropped)
     return dsd, spec
 
 
@@ -90,12 +94,18 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     accelerator = _make_accelerator(config)
     accelerator.print(f"torch threads: {threads[0]} ({threads[1]})")
     task = get_task(task_name, config)
+    skipped_images, stream = {}, None
     with accelerator.main_process_first():
-        dsd, spec = prepare_data(task, config)
+        if config.data.streaming:
+            from hftl.streaming import prepare_streaming
+
+            dsd, spec, stream = prepare_streaming(task, config, skipped_images)
+        else:
+            dsd, spec = prepare_data(task, config, skipped_images)
     names, id2label = spec.label_names, spec.id2label
+    sizes = {split: len(ds) for split, ds in dsd.items()} | ({"train": stream[1]} if stream else {})
     accelerator.print(
-        f"data: {config.data.dataset}: {len(names)} classes; "
-        + ", ".join(f"{split} {len(ds)}" for split, ds in dsd.items())
+        f"data: {config.data.dataset}: {len(names)} classes; " + ", ".join(f"{k} {v}" for k, v in sizes.items())
     )
     # new heads and adapters (LoRA's A matrices) are drawn from the global RNG: --seed decides them, not whatever
     # ran earlier in this process
@@ -122,11 +132,19 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     prepared = cache_processed(prepared, task.deterministic_splits(config.data))
     train_adapted, train_ds, eval_ds, collate = adapted, prepared["train"], prepared["validation"], task.collate
     probe, decoded = None, None
-    if config.strategy.strategy == "linear-probe" and config.train.cache_features:
+    if stream is not None:  # --streaming: this rank's shards of the train stream (hftl/streaming.py)
+        from hftl.streaming import StreamedSplit
+
+        train_transform = prepared["train"].format["format_kwargs"]["transform"]
+        train_ds = StreamedSplit(
+            stream[0], train_transform, spec.image_column, stream[1], config.train.seed,
+            config.data.shuffle_buffer_size, accelerator.process_index, accelerator.num_processes,
+        )  # fmt: skip
+    elif config.strategy.strategy == "linear-probe" and config.train.cache_features:
         probe = probe_features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
         if probe is not None:  # the head trains on cached backbone features; adapted.model gets the trained head
             train_adapted, train_ds, eval_ds, collate = probe
-    if probe is None and adapted.trainable:
+    if stream is None and probe is None and adapted.trainable:
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
         if decoded is not None:  # augmented epochs from images decoded once (hftl/fastpaths/decoded_images.py)
             train_ds = decoded
@@ -148,6 +166,13 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             greater,
         )
     model = accelerator.unwrap_model(adapted.model)
+    # train images skipped as they were read (a stream, or a train split too large to check up front)
+    from accelerate.utils import gather_object
+
+    read_bad = train_ds.skipped if stream is not None else task.unreadable_train_images()
+    read_bad = sorted(set(gather_object(list(read_bad)))) if accelerator.num_processes > 1 else sorted(set(read_bad))
+    if read_bad:
+        skipped_images["train"] = sorted(set(skipped_images.get("train", [])) | set(read_bad))
 
     eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
     test_loader = accelerator.prepare(
@@ -170,7 +195,8 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         "strategy": config.strategy.strategy,
         "metric_for_best": main_metric,
         "labels": names,
-        "num_samples": {split: len(ds) for split, ds in dsd.items()},
+        "num_samples": sizes,
+        "skipped_images": skipped_images,
         "trainable_parameters": adapted.trainable,
         "total_parameters": adapted.total,
         "train": {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -200,13 +200,16 @@ def train(
         accelerator.print("channels_last memory format: on")
         model = model.to(memory_format=torch.channels_last)
     eval_bs = args.eval_batch_size or 2 * args.batch_size
-    train_items = SeededItems(train_dataset, args.seed)
-    train_loader = make_loader(train_items, collate_fn, args.batch_size, True, args.seed, args.num_workers)
+    # a stream (hftl/streaming.py) shards, shuffles and seeds itself per rank; Accelerate must not shard it again
+    streamed = isinstance(train_dataset, torch.utils.data.IterableDataset)
+    train_items = train_dataset if streamed else SeededItems(train_dataset, args.seed)
+    train_loader = make_loader(
+        train_items, collate_fn, args.batch_size, not streamed, args.seed, 0 if streamed else args.num_workers
+    )
     eval_loader = make_loader(eval_dataset, collate_fn, eval_bs, False, args.seed, args.num_workers)
 
-    updates_per_epoch = math.ceil(
-        len(train_loader) / max(1, accelerator.num_processes) / args.gradient_accumulation_steps
-    )
+    batches_per_epoch = len(train_loader) / (1 if streamed else max(1, accelerator.num_processes))
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(total_steps / max(1, updates_per_epoch))
     optimizer = _make_optimizer(adapted, args)
@@ -216,9 +219,12 @@ def train(
         num_warmup_steps=int(args.warmup_ratio * total_steps) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
+    if streamed:
+        model, optimizer, eval_loader, scheduler = accelerator.prepare(model, optimizer, eval_loader, scheduler)
+    else:
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler
+        )
     if args.compile:
         model = torch.compile(model)
 
@@ -251,15 +257,20 @@ def train(
             accelerator.print(note)
         model.train()
         set_frozen_norms_eval(model)
-        train_loader.set_epoch(epoch)
+        if not streamed:
+            train_loader.set_epoch(epoch)
         train_items.set_epoch(epoch)
         loader = train_loader
-        if state.batches_into_epoch:
+        if state.batches_into_epoch and streamed:
+            train_items.resume_at(state.batches_into_epoch * args.batch_size)
+        elif state.batches_into_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_into_epoch)
         # the loss is summed on the device: reading it (.item()) makes the CPU wait for the GPU, so only at log steps
         running = torch.tensor(state.epoch_loss_sum, device=accelerator.device)
         counted = state.epoch_loss_batches
         for batch in loader:
+            if streamed:
+                batch = send_to_device(batch, accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     outputs = task.forward(model, batch)

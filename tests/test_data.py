@@ -1,5 +1,7 @@
 """Data loading and validation: every bad input fails early with a message that names the fix."""
 
+import io
+
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -7,7 +9,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hftl.config import DataArgs
-from hftl.data import check_images, few_shot, load_dataset_dict, standard_splits, subsample
+from hftl.data import few_shot, load_dataset_dict, standard_splits, subsample
+from hftl.image_check import check_images
 from hftl.modeling import ensure_rgb
 from hftl.tasks.classification.task import ClassificationTask
 
@@ -84,17 +87,69 @@ def test_few_shot_is_seeded_balanced_and_checked():
     assert (len(limited["train"]), len(limited["validation"])) == (4, 2)
 
 
-def test_corrupt_image_is_named_or_skipped(tmp_path):
+def _with_bad_files(tmp_path):
     good = tmp_path / "good.png"
     Image.new("RGB", (8, 8), "red").save(good)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, "JPEG")
+    truncated = tmp_path / "truncated.jpg"  # a valid header: only decoding the data finds it
+    truncated.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b"])})
-    ds = Dataset.from_dict({"image": [str(good), str(bad), str(good)], "label": [0, 1, 0]}, features=features)
-    dsd = DatasetDict({"train": ds})
-    with pytest.raises(ValueError, match=r"row 1 \(.*broken.jpg\).*--on_bad_image skip"):
+    train = Dataset.from_dict({"image": [str(good), str(bad), str(good)], "label": [0, 1, 0]}, features=features)
+    validation = Dataset.from_dict({"image": [str(truncated), str(good)], "label": [1, 0]}, features=features)
+    return DatasetDict({"train": train, "validation": validation, "test": validation})
+
+
+def test_corrupt_images_of_every_split_are_named_together(tmp_path):
+    dsd = _with_bad_files(tmp_path)
+    with pytest.raises(ValueError) as caught:
         check_images(dsd, "image")
-    assert len(check_images(dsd, "image", on_bad_image="skip")["train"]) == 2
+    message = str(caught.value)
+    assert "train: 1 unreadable: row 1 (" in message and "broken.jpg" in message
+    assert "validation: 1 unreadable: row 0 (" in message and "truncated.jpg" in message
+    assert "--on_bad_image skip" in message
+
+
+def test_skipped_images_are_named_and_shared_rows_counted_once(tmp_path, capsys):
+    dsd = _with_bad_files(tmp_path)
+    kept, skipped = check_images(dsd, "image", on_bad_image="skip")
+    assert [len(kept[s]) for s in ("train", "validation", "test")] == [2, 1, 1]
+    assert kept["validation"] is kept["test"]  # still the same rows
+    assert skipped == {
+        "train": [str(tmp_path / "broken.jpg")],
+        "validation": [str(tmp_path / "truncated.jpg")],
+        "test": [str(tmp_path / "truncated.jpg")],
+    }
+    assert "Skipping 2 unreadable image(s)" in capsys.readouterr().out
+
+
+def test_image_check_reads_an_arrow_split_in_batches(tmp_path, monkeypatch):
+    """A split of encoded images in an Arrow file is checked batch by batch, never read into memory whole."""
+    import hftl.image_check as image_check
+
+    blobs = []
+    for i in range(40):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(buffer, "PNG")
+        blobs.append({"bytes": buffer.getvalue(), "path": None})
+    blobs[33] = {"bytes": b"not an image", "path": None}
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a"])})
+    Dataset.from_dict({"image": blobs, "label": [0] * 40}, features=features).save_to_disk(tmp_path / "ds")
+    ds = Dataset.load_from_disk(str(tmp_path / "ds"))
+    biggest = []
+    real_iter = Dataset.iter
+
+    def spying_iter(self, batch_size, drop_last_batch=False):
+        for batch in real_iter(self, batch_size, drop_last_batch):
+            biggest.append(len(next(iter(batch.values()))))
+            yield batch
+
+    monkeypatch.setattr(image_check, "BATCH_ROWS", 16)
+    monkeypatch.setattr(Dataset, "iter", spying_iter)
+    assert image_check.find_bad_images(DatasetDict({"train": ds}), "image") == {"train": [(33, "12 bytes")]}
+    assert biggest == [16, 16, 8]
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16"])
@@ -126,3 +181,23 @@ def test_single_image_class_stays_in_train_and_the_rest_is_still_stratified():
         assert dsd["train"]["label"].count(2) == 1
         assert sorted(np.bincount(dsd["validation"]["label"], minlength=3)) == [0, 2, 2]  # stratified: 2 a, 2 b
         assert len(dsd["train"]) + len(dsd["validation"]) == len(labels)
+
+
+def test_a_large_train_split_is_checked_as_it_is_read(tmp_path):
+    """Over the up-front limit the train split is not opened before training; its bad images are skipped when read
+    and named, while the other splits are still checked first."""
+    dsd = _with_bad_files(tmp_path)
+    kept, skipped = check_images(dsd, "image", on_bad_image="skip", up_front_max_rows=2)
+    assert len(kept["train"]) == 3 and skipped == {
+        "validation": [str(tmp_path / "truncated.jpg")],
+        "test": [str(tmp_path / "truncated.jpg")],
+    }
+    from transformers import ViTImageProcessor
+
+    task = ClassificationTask()
+    task.image_column, task.label_column = "image", "label"
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    train = task.prepare(kept, processor, DataArgs(image_size=8))["train"]
+    batch = train.__getitems__([0, 1, 2])
+    assert len(batch) == 2 and [item["labels"] for item in batch] == [0, 0]
+    assert task.unreadable == [str(tmp_path / "broken.jpg")]

@@ -169,3 +169,55 @@ def test_exif_orientation_is_applied_as_datasets_does():
     assert shown.shape == (3, 60, 40)
     kept = decode_images(dataset, "image", 10_000, max_mb=1)[0].numpy()
     assert np.array_equal(kept, shown)
+
+
+SHARED_CACHE_SCRIPT = """
+import json, os, sys
+from accelerate import Accelerator
+import numpy as np
+from PIL import Image
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
+import hftl.fastpaths.decoded_images as decoded
+
+accelerator = Accelerator(cpu=True)
+writes = []
+real_write = decoded._write
+decoded._write = lambda *args: writes.append(1) or real_write(*args)
+rng = np.random.default_rng(0)  # the same rows on both ranks
+images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(10)]
+features = Features({"image": ImageFeature(), "label": Value("int64")})
+dataset = Dataset.from_dict({"image": images, "label": list(range(10))}, features=features)
+kept = decoded.decode_images(dataset, "image", 10_000, max_mb=1)
+accelerator.wait_for_everyone()  # the main process unlinks the file once every rank has mapped it
+record = {
+    "writes": len(writes),
+    "file": str(kept.buffer.filename),
+    "left_on_disk": os.path.exists(kept.buffer.filename),
+    "pixels_equal": all(np.array_equal(kept[i].numpy(), np.asarray(images[i]).transpose(2, 0, 1)) for i in range(10)),
+}
+with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.json"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_share_one_decoded_file_written_once(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED_CACHE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    proc = subprocess.run([*launch, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["writes"] for r in ranks] == [1, 0]  # decoded once, by the node's main process
+    assert ranks[0]["file"] == ranks[1]["file"]  # and both ranks map that one file
+    assert not any(r["left_on_disk"] for r in ranks)  # unlinked once mapped: nothing left behind
+    assert all(r["pixels_equal"] for r in ranks)

@@ -8,14 +8,19 @@ seeded and resumable), and the batch is converted to float and normalised at onc
 (`normalize_uint8`): 4x less to copy to a GPU, no per-image float work on the CPU.
 
 A split is cached only when its decoded pixels fit in `max_mb` (known from the image headers, before decoding);
-otherwise the per-epoch path runs as before.
+otherwise the per-epoch path runs as before. The buffer is one memory-mapped file per node, shared by the local ranks
+and their DataLoader workers.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
+import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +32,7 @@ from hftl.system import cores_per_local_process
 
 # RandomResizedCrop's default aspect-ratio range; its narrowest crop side is sqrt(area * scale * 3/4)
 MIN_ASPECT = 3 / 4
+SAMPLE_ROWS = 256  # headers read to estimate a split's decoded size before reading them all
 
 
 def stored_size(width: int, height: int, min_area: int) -> tuple[int, int]:
@@ -66,36 +72,85 @@ def _open(item) -> Image.Image:
     return Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
 
 
+def _header(item) -> tuple[int, int, bool, bool]:
+    """(width, height) as datasets shows the image (EXIF orientation applied), turned, swapped."""
+    with _open(item) as image:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+        width, height = image.size
+    swapped = orientation in (5, 6, 7, 8)  # quarter turns swap the sides
+    return (height, width, True, True) if swapped else (width, height, orientation is not None, False)
+
+
+def _safe_header(item):
+    try:
+        return _header(item)
+    except (OSError, ValueError, TypeError, SyntaxError):
+        return None
+
+
 def decode_images(dataset, image_column: str, min_area: int, max_mb: float):
     """Decodes `dataset[image_column]` into a `DecodedImages`, or returns None when the pixels would not fit in
-    `max_mb` (decided from the headers) or the column holds no encoded images."""
+    `max_mb` (decided from the headers) or the column holds no encoded images.
+
+    One copy per node: the local main process decodes into a file that every local rank maps (and the DataLoader
+    workers they fork inherit), so `max_mb` counts the node. The file is unlinked once all ranks have mapped it: its
+    pages live as long as the mappings, and nothing is left on disk. A sample of the headers decides first whether
+    the split can fit at all, so a split far over the cap costs nothing here however many rows it has."""
     if max_mb <= 0 or not len(dataset) or not isinstance(dataset.features.get(image_column), ImageFeature):
         return None
     # one batch of encoded images in memory at a time: the files may be far larger than what is kept
     raw = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
-    sizes, turned, swapped = [], [], []  # kept (width, height) as datasets shows the image: EXIF orientation applied
-    for batch in raw.iter(batch_size=256):
-        for item in batch[image_column]:
-            with _open(item) as image:
-                orientation = image.getexif().get(ExifTags.Base.Orientation)
-                width, height = image.size
-            turned.append(orientation is not None)
-            swapped.append(orientation in (5, 6, 7, 8))  # quarter turns swap the sides
-            if swapped[-1]:
-                width, height = height, width
-            sizes.append(stored_size(width, height, min_area))
+    sample = raw.select(range(min(SAMPLE_ROWS, len(raw))))[image_column]
+    try:
+        mean = np.mean([3 * math.prod(stored_size(*_header(item)[:2], min_area)) for item in sample])
+    except (OSError, ValueError, TypeError, SyntaxError):  # an unreadable image (a large split is checked as read)
+        return None
+    if mean * len(raw) / 2**20 > max_mb * 1.25:  # clearly over: not worth reading every header to be sure
+        return None
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    name = [uuid.uuid4().hex]
+    if state.num_processes > 1:
+        broadcast_object_list(name)  # every rank must open the file its node's main process writes
+    path = Path(tempfile.gettempdir()) / f"hftl-decoded-{name[0]}"
+    with state.local_main_process_first():
+        if state.is_local_main_process:
+            _write(raw, image_column, min_area, max_mb, path)
+        images = _map(path)
+    state.wait_for_everyone()
+    if state.is_local_main_process:
+        for suffix in (".u8", ".npz"):
+            path.with_suffix(suffix).unlink(missing_ok=True)
+    return images
+
+
+def _write(raw, image_column: str, min_area: int, max_mb: float, path: Path) -> None:
+    """Decodes into `path`.u8 and writes the layout to `path`.npz last (the marker that the file is complete); only
+    the layout, with no rows, when the pixels would not fit in `max_mb`."""
+    # the other local ranks wait meanwhile: this process may use the node's cores
+    threads = cores_per_local_process(local_processes=1)
+    with ThreadPoolExecutor(threads) as pool:
+        headers = [h for batch in raw.iter(batch_size=256) for h in pool.map(_safe_header, batch[image_column])]
+    if None in headers:  # an unreadable image: the per-epoch path reads the split and skips it
+        np.savez(path.with_suffix(".npz"), offsets=np.zeros(0, np.int64), shapes=np.zeros((0, 2), np.int32))
+        return
+    sizes = [stored_size(w, h, min_area) for w, h, _, _ in headers]
     lengths = np.array([3 * w * h for w, h in sizes], dtype=np.int64)
     if lengths.sum() / 2**20 > max_mb:
-        return None
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    buffer = np.empty(int(lengths.sum()), dtype=np.uint8)
+        np.savez(path.with_suffix(".npz"), offsets=np.zeros(0, np.int64), shapes=np.zeros((0, 2), np.int32))
+        return
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    buffer = np.memmap(path.with_suffix(".u8"), dtype=np.uint8, mode="w+", shape=(max(1, int(lengths.sum())),))
 
     def decode(index: int, item: dict) -> None:
         width, height = sizes[index]
+        turned, swapped = headers[index][2:]
         with _open(item) as image:
             if image.size[0] * image.size[1] > width * height:  # JPEG: decode at a reduced scale straight away
-                image.draft(image.mode, (height, width) if swapped[index] else (width, height))
-            if turned[index]:  # as datasets' Image feature decodes it
+                image.draft(image.mode, (height, width) if swapped else (width, height))
+            if turned:  # as datasets' Image feature decodes it
                 image = ImageOps.exif_transpose(image)
             image = ensure_rgb(image)
             if image.size != (width, height):
@@ -104,13 +159,26 @@ def decode_images(dataset, image_column: str, min_area: int, max_mb: float):
         buffer[offsets[index] : offsets[index] + lengths[index]] = pixels.reshape(-1)
 
     # PIL releases the GIL while decoding and resizing
-    with ThreadPoolExecutor(cores_per_local_process()) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         start = 0
         for batch in raw.iter(batch_size=256):
             column = batch[image_column]
             list(pool.map(decode, range(start, start + len(column)), column))
             start += len(column)
+    buffer.flush()
     shapes = np.array([(h, w) for w, h in sizes], dtype=np.int32)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, offsets=offsets, shapes=shapes)
+    os.replace(tmp, path.with_suffix(".npz"))
+
+
+def _map(path: Path) -> DecodedImages | None:
+    layout = np.load(path.with_suffix(".npz"))
+    offsets, shapes = layout["offsets"], layout["shapes"]
+    if not len(offsets):
+        return None
+    # copy-on-write: pages stay shared with every rank and worker (nothing writes them); torch needs a writable view
+    buffer = np.memmap(path.with_suffix(".u8"), dtype=np.uint8, mode="c")
     return DecodedImages(buffer, offsets, shapes)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
 from hftl.data import IMAGE_COLUMN_NAMES
+from hftl.image_check import decode_readable
 from hftl.modeling import (
     ensure_rgb,
     load_model_and_processor,
@@ -47,18 +48,20 @@ class ClassificationTask(Task):
         self.label_column = None
         # uint8 → model input as the image processor computes it (hftl/pixels.py); None: the processor is called
         self.pixel_steps = None
+        self.unreadable: list[str] = []  # train images skipped as they were read (this process)
 
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:
-        from datasets import load_dataset
         from datasets.data_files import EmptyDatasetError
+
+        from hftl.local_data import load_imagefolder
 
         layout = (
             f"imagefolder needs one sub-folder per class (e.g. {path}/cat/1.jpg, {path}/dog/2.jpg), optionally "
             f"under split folders ({path}/train/cat/1.jpg, {path}/test/...)"
         )
         try:
-            dsd = load_dataset("imagefolder", data_dir=path)
+            dsd = load_imagefolder(path)
         except EmptyDatasetError:
             raise ValueError(f"Dataset folder {path!r} holds no image files. {layout}.") from None
         features = next(iter(dsd.values())).features
@@ -169,21 +172,24 @@ class ClassificationTask(Task):
             return self.pixel_steps(v2.functional.pil_to_tensor(crop_and_flip(image)))
 
         def train_batch(batch):
-            images = [ensure_rgb(im) for im in batch[image_col]]
+            # train images are decoded here, so one that cannot be read is skipped (a large train split is not
+            # checked before training: hftl/image_check.py)
+            images, labels = decode_readable(batch[image_col], batch[label_col], self.unreadable)
+            images = [ensure_rgb(im) for im in images]
             if data_args.augment:
                 pixels = [augmented(im) for im in images]
             else:
-                pixels = list(processor(images, return_tensors="pt")["pixel_values"])
-            return {"pixel_values": pixels, "labels": batch[label_col]}
+                pixels = list(processor(images, return_tensors="pt")["pixel_values"]) if images else []
+            return {"pixel_values": pixels, "labels": labels}
 
         def eval_batch(batch):
             # the saved image processor is what pipeline() will use, so evaluation uses exactly it
             pixels = processor([ensure_rgb(im) for im in batch[image_col]], return_tensors="pt")["pixel_values"]
             return {"pixel_values": list(pixels), "labels": batch[label_col]}
 
-        return DatasetDict(
-            {split: ds.with_transform(train_batch if split == "train" else eval_batch) for split, ds in dsd.items()}
-        )
+        out = {split: ds.with_transform(eval_batch) for split, ds in dsd.items() if split != "train"}
+        train = dsd["train"].cast_column(image_col, Image(decode=False))
+        return DatasetDict({"train": train.with_transform(train_batch), **out})
 
     def decoded_train_split(self, train, processor, data_args):
         """The train split decoded once and augmented as uint8 tensors (hftl/fastpaths/decoded_images.py), or None
@@ -205,6 +211,9 @@ class ClassificationTask(Task):
             return None
         augment = v2.Compose(_random_crop_and_flip(processor, data_args))
         return AugmentedDecodedSplit(images, list(train[self.label_column]), augment)
+
+    def unreadable_train_images(self) -> list[str]:
+        return list(self.unreadable)
 
     @staticmethod
     def deterministic_splits(data_args) -> list[str]:

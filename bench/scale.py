@@ -1,0 +1,211 @@
+"""Seconds to the first training step and peak RSS by dataset size: hftl next to the plain datasets + DataLoader path.
+
+    python bench/scale.py                                   # parquet 1k/10k/100k/1.28M rows, folders 1k/10k/50k
+    python bench/scale.py --rows 1000 10000 --folder_rows 1000   # a quick look
+
+Parquet rows are Fashion-MNIST's 60k training images (Debian's dataset-fashion-mnist) as PNG bytes, repeated with a
+row id up to the row count, in the Hub's layout (data/train-*.parquet, validation and test 1000 rows each):
+~0.35 GB at 1.28M rows. Folders are the same PNGs as files, one sub-folder per class. Each measurement is one
+process from `python` to the first optimizer step's backward pass (a ViT with hidden size 64 at 32 px, batch 32),
+"cold" on the first launch (empty datasets cache / no folder listing) and "warm" on the second. Peak RSS is the
+process's at that point. Generated data and caches live under $HFTL_BENCH_WORK/scale (default /tmp/hftl-bench) and
+are removed at the end (--keep to keep them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WORK, peak_rss_mb, write_vit_folder  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+ROOT = WORK / "scale"
+
+
+def fashion_pngs() -> tuple[list[bytes], np.ndarray]:
+    from PIL import Image
+
+    with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    pngs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        pngs.append(buffer.getvalue())
+    return pngs, labels
+
+
+def write_parquet(folder: Path, rows: int, pngs, labels) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import ClassLabel, Features, Image, Value
+
+    features = Features({"image": Image(), "label": ClassLabel(names=CLASSES), "row": Value("int64")})
+    IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # noqa: N806 (datasets' Image storage)
+    metadata = {"huggingface": json.dumps({"info": {"features": features.to_dict()}})}
+    (folder / "data").mkdir(parents=True)
+    shard_rows = 200_000
+    for split, count in (("train", rows), ("validation", 1000), ("test", 1000)):
+        shards = max(1, -(-count // shard_rows))
+        for shard in range(shards):
+            ids = np.arange(shard * shard_rows, min(count, (shard + 1) * shard_rows))
+            source = (ids + (0 if split == "train" else 7919)) % len(pngs)
+            table = pa.table(
+                {
+                    "image": pa.array([{"bytes": pngs[i], "path": None} for i in source], type=IMAGE_TYPE),
+                    "label": pa.array(labels[source].astype(np.int64)),
+                    "row": pa.array(ids),
+                }
+            ).replace_schema_metadata(metadata)
+            pq.write_table(table, folder / "data" / f"{split}-{shard:05d}-of-{shards:05d}.parquet")
+
+
+def write_folder(folder: Path, rows: int, pngs, labels) -> None:
+    for split, count in (("train", rows), ("validation", 500), ("test", 500)):
+        for name in CLASSES:
+            (folder / split / name).mkdir(parents=True)
+        for i in range(count):
+            source = (i + (0 if split == "train" else 7919)) % len(pngs)
+            (folder / split / CLASSES[labels[source]] / f"{i}.png").write_bytes(pngs[source])
+
+
+def scandir_seconds(folder: Path) -> float:
+    start, stack, count = time.perf_counter(), [str(folder)], 0
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                else:
+                    count += 1
+    return time.perf_counter() - start
+
+
+def child(args) -> None:
+    """One measured process: runs until the first backward pass, writes {seconds, peak_rss_mb}, exits."""
+    import torch
+
+    def first_step(*_, **__):
+        out = {"seconds": time.time() - args.t0, "peak_rss_mb": peak_rss_mb()}
+        Path(args.result).write_text(json.dumps(out))
+        os._exit(0)
+
+    if args.child == "hftl":
+        import accelerate
+
+        accelerate.Accelerator.backward = lambda self, loss, **kw: first_step()
+        from hftl.runner import run
+
+        run("classification", ["--dataset", args.data, "--model", args.model, "--output_dir", args.out,
+                               "--image_size", "32", "--batch_size", "32", "--max_steps", "1", "--report_to", "none",
+                               "--overwrite_output_dir", "true"])  # fmt: skip
+    else:  # the transformers example's data path: load_dataset + with_transform + DataLoader
+        import datasets
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        loaded = (
+            datasets.load_dataset("imagefolder", data_dir=args.data)
+            if (Path(args.data) / "train").is_dir()
+            else datasets.load_dataset(args.data)
+        )
+        processor = AutoImageProcessor.from_pretrained(args.model)
+        model = AutoModelForImageClassification.from_pretrained(args.model, num_labels=len(CLASSES))
+
+        def transform(batch):
+            images = [im.convert("RGB") for im in batch["image"]]
+            return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], "labels": batch["label"]}
+
+        train = loaded["train"].with_transform(transform)
+
+        def collate(items):
+            return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in items[0]}
+
+        loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True, collate_fn=collate)
+        batch = next(iter(loader))
+        model(**batch).loss.backward()
+        first_step()
+
+
+def measure(kind: str, data: Path, model: Path, env: dict) -> dict:
+    result = ROOT / "result.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--child", kind, "--data", str(data), "--model", str(model),
+           "--out", str(ROOT / "out"), "--result", str(result), "--t0", repr(time.time())]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if not result.exists():
+        return {"error": proc.stderr[-800:]}
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, nargs="*", default=[1000, 10_000, 100_000, 1_280_000])
+    parser.add_argument("--folder_rows", type=int, nargs="*", default=[1000, 10_000, 50_000])
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--child"), parser.add_argument("--data"), parser.add_argument("--model")
+    parser.add_argument("--out"), parser.add_argument("--result"), parser.add_argument("--t0", type=float)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    ROOT.mkdir(parents=True, exist_ok=True)
+    model = write_vit_folder(ROOT / "vit-tiny-32", "vit-tiny", 32, len(CLASSES))
+    pngs, labels = fashion_pngs()
+    rows_out = []
+    cases = [("parquet", n) for n in args.rows] + [("folder", n) for n in args.folder_rows]
+    try:
+        for layout, n in cases:
+            data = ROOT / f"{layout}-{n}"
+            shutil.rmtree(data, ignore_errors=True)
+            start = time.perf_counter()
+            (write_parquet if layout == "parquet" else write_folder)(data, n, pngs, labels)
+            written = time.perf_counter() - start
+            row = {"layout": layout, "rows": n, "write_s": round(written, 1)}
+            if layout == "folder":
+                row["scandir_s"] = round(scandir_seconds(data), 2)
+            for kind in ("hftl", "plain"):
+                cache = ROOT / f"cache-{kind}"
+                shutil.rmtree(cache, ignore_errors=True)  # cold: nothing converted or listed yet
+                env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+                for launch in ("cold", "warm"):
+                    got = measure(kind, data, model, env)
+                    row[f"{kind}_{launch}"] = got
+                    print(layout, n, kind, launch, got, flush=True)
+                shutil.rmtree(cache, ignore_errors=True)
+            rows_out.append(row)
+            shutil.rmtree(data, ignore_errors=True)
+            (ROOT.parent / "scale.json").write_text(json.dumps(rows_out, indent=1))
+    finally:
+        if not args.keep:
+            shutil.rmtree(ROOT, ignore_errors=True)
+    print_table(rows_out)
+
+
+def print_table(rows: list[dict]) -> None:
+    def cell(got):
+        return f"{got['seconds']:.1f} s / {got['peak_rss_mb'] / 1024:.2f} GB" if "seconds" in got else "failed"
+
+    print("| data | rows | hftl cold | hftl warm | plain cold | plain warm | os.scandir walk |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        walk = f"{r['scandir_s']:.2f} s" if "scandir_s" in r else ""
+        print(f"| {r['layout']} | {r['rows']:,} | {cell(r['hftl_cold'])} | {cell(r['hftl_warm'])} | "
+              f"{cell(r['plain_cold'])} | {cell(r['plain_warm'])} | {walk} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The bad-image check: every image of every split opened once, cheaply and in parallel, before training.
+
+Cost follows the images, never the split in memory: a split is read in batches of encoded images (one batch at a
+time, so a Hub-layout split of 140 GB needs no more memory than a folder of files), each image is opened in a thread
+pool (PIL releases the GIL while decoding) and JPEGs are decoded at 1/8 scale (`draft`), which still reads every
+byte of the entropy-coded data, so a truncated file fails here and not mid-epoch. Splits that are the same rows
+(the test split falling back to validation) are checked once. All splits are checked before anything is reported.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+from datasets import DatasetDict
+from datasets import Image as ImageFeature
+from PIL import Image, UnidentifiedImageError
+
+from hftl.system import cores_per_local_process
+
+BATCH_ROWS = 1024  # encoded images held at once per split (x the pool's threads in flight)
+SHOWN = 10  # bad files named per split in an error message
+UP_FRONT_MAX_ROWS = 100_000  # larger train splits are checked as they are read
+
+
+def find_bad_images(dsd: DatasetDict, image_column: str) -> dict[str, list[tuple[int, str]]]:
+    """{split: [(row, file name or size), ...]} for every split holding an image column; a split that is the same
+    rows as an earlier one gets the earlier one's list without a second pass."""
+    found, seen = {}, {}
+    for split, ds in dsd.items():
+        if not isinstance(ds.features.get(image_column), ImageFeature):
+            continue
+        key = (ds._fingerprint, len(ds))
+        if key not in seen:
+            seen[key] = _scan(ds, image_column)
+        found[split] = seen[key]
+    return found
+
+
+def check_images(
+    dsd: DatasetDict, image_column: str, on_bad_image: str = "error", up_front_max_rows: int | None = None
+):
+    """Returns (the splits without unreadable images, {split: [skipped file, ...]}). With on_bad_image 'error',
+    raises naming the bad files of every split instead. A train split over `up_front_max_rows` rows is not opened
+    here (that would cost minutes at a million rows): its images are checked as they are read (`decode_readable`)."""
+    limit = UP_FRONT_MAX_ROWS if up_front_max_rows is None else up_front_max_rows
+    deferred = "train" in dsd and len(dsd["train"]) > limit
+    if deferred:
+        print(
+            f"train: {len(dsd['train'])} rows, over {limit}: its images are checked as they are read (unreadable ones "
+            "skipped and named in all_results.json), not before training."
+        )
+    checked = DatasetDict({k: v for k, v in dsd.items() if not (deferred and k == "train")})
+    bad = {split: rows for split, rows in find_bad_images(checked, image_column).items() if rows}
+    if bad and on_bad_image == "error":
+        lines = []
+        for split, rows in bad.items():
+            shown = ", ".join(f"row {i} ({what})" for i, what in rows[:SHOWN])
+            more = f" and {len(rows) - SHOWN} more" if len(rows) > SHOWN else ""
+            lines.append(f"  {split}: {len(rows)} unreadable: {shown}{more}")
+        raise ValueError(
+            "Unreadable images found:\n" + "\n".join(lines) + "\nFix or remove them, or pass --on_bad_image skip "
+            "to drop them (they are named in all_results.json)."
+        )
+    out, skipped, dropped = {}, {}, {}
+    for split, ds in dsd.items():
+        rows = bad.get(split)
+        if rows:
+            key = (ds._fingerprint, len(ds))
+            if key not in dropped:  # the same rows (validation reused as test) are dropped once and shared
+                drop = {i for i, _ in rows}
+                dropped[key] = ds.select([i for i in range(len(ds)) if i not in drop])
+            skipped[split] = [what for _, what in rows]
+            ds = dropped[key]
+        out[split] = ds
+    if skipped:
+        unique = len({name for names in skipped.values() for name in names})
+        per_split = ", ".join(f"{split} {len(names)}" for split, names in skipped.items())
+        print(
+            f"Skipping {unique} unreadable image(s) ({per_split}); named in all_results.json under 'skipped_images'."
+        )
+    return DatasetDict(out), skipped
+
+
+def decode_readable(items: list, labels: list, skipped: list) -> tuple[list, list]:
+    """(images, labels) of the readable items of a batch (encoded, or already decoded PIL images); the others are
+    dropped and their names appended to `skipped`."""
+    images, kept = [], []
+    for item, label in zip(items, labels):
+        if isinstance(item, dict):
+            try:
+                item = ImageFeature().decode_example(item)  # exactly as datasets decodes it
+            except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError):
+                skipped.append(describe(item))
+                print(f"skipped an unreadable image: {describe(item)}")
+                continue
+        images.append(item)
+        kept.append(label)
+    return images, kept
+
+
+def image_ok(item) -> bool:
+    """Whether an encoded image ({"bytes", "path"} as datasets stores it) opens and decodes."""
+    if item is None:
+        return False
+    try:
+        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+        with Image.open(source) as image:
+            image.draft(image.mode, (1, 1))  # JPEG: decode at the smallest DCT scale; no-op for other formats
+            image.load()
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError):
+        return False
+
+
+def describe(item) -> str:
+    if item is None:
+        return "missing"
+    return item.get("path") or f"{len(item.get('bytes') or b'')} bytes"
+
+
+def _scan(ds, image_column: str) -> list[tuple[int, str]]:
+    raw = ds.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    bad, start = [], 0
+    with ThreadPoolExecutor(cores_per_local_process()) as pool:
+        for batch in raw.iter(batch_size=BATCH_ROWS):
+            column = batch[image_column]
+            for offset, ok in enumerate(pool.map(image_ok, column)):
+                if not ok:
+                    bad.append((start + offset, describe(column[offset])))
+            start += len(column)
+    return bad
