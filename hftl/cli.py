@@ -2,7 +2,7 @@
 
     hftl quickstart                       # offline: local Hub + bundled data/weights → train → push → pull → predict
     hftl train classification --config recipes/configs/classification/quickstart.yaml [--option value ...]
-    hftl lr-find [TASK] --config recipes/configs/quickstart.yaml   # LR range test: lr_find.png, suggested rate
+    hftl lr-find [TASK] --config recipes/configs/classification/quickstart.yaml   # LR range test, suggested rate
     hftl predict --model user/my-model cat.jpg dog.jpg [--top-k 5]
     hftl push outputs/run user/my-model [--private] [--revision BRANCH]
     hftl export outputs/run --format onnx|openvino [--quantize int8] [--push_to_hub]

@@ -51,7 +51,7 @@ def test_soft_targets_compose_with_label_smoothing():
 
 
 def test_policy_and_erasing_are_seeded_per_item_whatever_the_workers(tiny_vit_dir, colour_folder):
-    from hftl.tasks.classification import ClassificationTask
+    from hftl.tasks.classification.task import ClassificationTask
 
     config = parse_config(_argv(colour_folder, tiny_vit_dir, "/tmp/unused", *TOOLKIT))
     task = ClassificationTask(config)
