@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hftl.runner import run  # noqa: E402
 
 TASKS = {
-    # few-shot digits: 10 labelled images per class, 50 steps, as recipes/configs/compare-quickstart.yaml
+    # few-shot digits: 10 labelled images per class, 50 steps, as recipes/configs/compare/quickstart.yaml
     "digits-10shot": ["--dataset", "hftl/digits", "--shots", "10", "--image_size", "32", "--hflip", "false",
                       "--crop_scale_min", "0.7", "--max_steps", "50", "--batch_size", "16"],
     # Fashion-MNIST subset: 2,000 train images, 1,000 validation / test images, one epoch at 32 px
