@@ -144,9 +144,8 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
             train_ds = decoded
             accelerator.print(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
     # --- end fast paths ---
-    train_collate = task.train_collate(config.data, len(names)) if hasattr(task, "train_collate") else None
-    if probe is not None:
-        train_collate = None
+    # the probe's cached features are not images: no batch-level augmentation for them
+    train_collate = task.train_collate(config.data, len(names)) if probe is None else None
     if auto_lr:
         found = range_test(
             task, train_adapted, train_ds, train_collate or collate, config.train, accelerator,
