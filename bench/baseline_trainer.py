@@ -25,6 +25,10 @@ def load_data(spec: str):
         from hftl.bundled import load_digits_dataset  # the same rows and splits hftl trains on
 
         return load_digits_dataset()
+    if spec == "fashion-mnist":
+        from hftl.bundled import load_bundled_dataset  # Debian's dataset-fashion-mnist, hftl's splits
+
+        return load_bundled_dataset("hftl/fashion-mnist")
     return load_dataset("imagefolder", data_dir=spec)
 
 

@@ -147,6 +147,14 @@ def cases(quick: bool, compile_row: bool, gpu_case: bool = False, gpu_tiny: bool
     if compile_row:
         add(q, "hftl compile", "hftl", lambda o: hftl_cmd(o, *common, [*quick_common, "--compile", "true"]))
 
+    # real data with a public leaderboard: a stratified-size subset of Fashion-MNIST, same augmentation both sides
+    f = "fashion-mnist effnet-lite0 64px"
+    fm_limits = ["--max_train_samples", "1024" if quick else "10800", "--max_eval_samples", "512" if quick else "2000"]
+    fm = (effnet, "hftl/fashion-mnist", epochs, 32, 1e-3, 0.5 if quick else 0.85)
+    fm_hftl = ["--image_size", "64", "--hflip", "false", "--crop_scale_min", "0.7", "--weight_decay", "0.01"]
+    add(f, "baseline Trainer", None, lambda o: baseline_cmd(o, effnet, "fashion-mnist", *fm[2:], extra=fm_limits))
+    add(f, "hftl", "baseline Trainer", lambda o: hftl_cmd(o, *fm, extra=[*fm_hftl, *fm_limits]))
+
     t = "vit-tiny (h64 L4) synthetic 64px"
     tiny_args = (tiny, synthetic, epochs + 1, 32, 1e-3, 0.9)
     add(t, "baseline Trainer", None, lambda o: baseline_cmd(o, tiny, synthetic, *tiny_args[2:], extra=vit_base))

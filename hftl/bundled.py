@@ -221,6 +221,7 @@ def load_digits_dataset() -> DatasetDict:
 BUNDLED_DATASETS: dict[str, Callable[[], DatasetDict] | str] = {
     DIGITS: load_digits_dataset,
     "hftl/shapes-detection": "hftl.tasks.detection.data:load_shapes_detection",
+    "hftl/fashion-mnist": "hftl.fashion_mnist:load_fashion_mnist",
 }
 
 

@@ -2,6 +2,7 @@
 
     hftl quickstart                       # offline: local Hub + bundled data/weights → train → push → pull → predict
     hftl train classification --config recipes/configs/classification/quickstart.yaml [--option value ...]
+    hftl lr-find [TASK] --config recipes/configs/classification/quickstart.yaml   # LR range test, suggested rate
     hftl predict --model user/my-model cat.jpg dog.jpg [--top-k 5]
     hftl push outputs/run user/my-model [--private] [--revision BRANCH]
     hftl export outputs/run --format onnx|openvino [--quantize int8] [--push_to_hub]
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune a model (options: hftl train TASK --help)")
     train.add_argument("task", choices=TRAIN_TASKS)
     _add_endpoint(train)
+
+    commands.add_parser("lr-find", help="learning-rate range test (takes the train options; --learning_rate auto)")
 
     predict = commands.add_parser("predict", help="predict labels for images with a local folder or Hub model")
     predict.add_argument("--model", required=True, help="Hub id (user/name), bundled name, or local model folder")
@@ -137,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         from hftl.rank import main as rank_main
 
         rank_main(rest)
+        return 0
+    if argv[:1] == ["lr-find"]:
+        endpoint, rest = _pop_endpoint(argv[1:])
+        _set_endpoint(endpoint)
+        from hftl.runner import lr_find
+
+        task = rest.pop(0) if rest[:1] and rest[0] in TRAIN_TASKS else "classification"
+        print(lr_find(task, rest)["learning_rate"])
         return 0
     if argv[:1] == ["quickstart"]:
         return _quickstart(argv[1:])

@@ -57,6 +57,16 @@ class DataArgs:
         },
     )
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flip (turn off for digits, text, …)."})
+    auto_augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = field(
+        default="none", metadata={"help": "Classification: augmentation policy (torchvision v2) after crop and flip."}
+    )
+    random_erasing: float = field(default=0.0, metadata={"help": "Classification: random erasing probability."})
+    mixup_alpha: float = field(
+        default=0.0, metadata={"help": "Classification: MixUp Beta(alpha, alpha) on train batches; 0 is off."}
+    )
+    cutmix_alpha: float = field(
+        default=0.0, metadata={"help": "Classification: CutMix alpha; with MixUp too, one of them per batch."}
+    )
     on_bad_image: Literal["error", "skip"] = field(
         default="error",
         metadata={
@@ -87,6 +97,9 @@ class ModelArgs:
     from_scratch: bool = field(
         default=False,
         metadata={"help": "Same architecture, random init (no pretrained weights): the baseline transfer must beat."},
+    )
+    drop_path_rate: float | None = field(
+        default=None, metadata={"help": "Stochastic depth rate (timm models, ConvNeXt, Swin, BEiT, DINOv2)."}
     )
 
 
@@ -144,7 +157,9 @@ class TrainArgs:
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
     batch_size: int = field(default=32, metadata={"help": "Per-device train batch size."})
     eval_batch_size: int | None = field(default=None, metadata={"help": "Per-device eval batch size (default 2×)."})
-    learning_rate: float = field(default=1.0e-3, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(
+        default=1.0e-3, metadata={"help": "Peak learning rate, or 'auto': run the range test (hftl lr-find) first."}
+    )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms and biases)."})
     optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata={"help": "adamw or sgd."})
     scheduler: Literal["cosine", "linear", "constant"] = field(
@@ -154,6 +169,16 @@ class TrainArgs:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps to accumulate per update."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm (None: off)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing for classification."})
+    lr_find_steps: int = field(
+        default=100, metadata={"help": "Steps of the learning-rate range test (hftl lr-find, --learning_rate auto)."}
+    )
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep an EMA of the weights (e.g. 0.999), evaluated each epoch beside the raw weights; the "
+            "better one is kept and saved."
+        },
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
         default="no", metadata={"help": "no, bf16 or fp16 (GPU); bf16 also on CPU."}
     )
@@ -285,6 +310,25 @@ def config_file_values(parser, argv: list[str], defaults: dict | None = None) ->
     return {**(defaults or {}), **(_read_yaml(path) if path else {})}
 
 
+AUTO = "auto"
+# `--learning_rate auto` is kept in the float field as NaN (no learning rate can be NaN); see is_auto_lr
+AUTO_LR = float("nan")
+
+
+def is_auto_lr(value: float) -> bool:
+    return value != value
+
+
+def _auto_learning_rate(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--learning_rate", "--learning-rate") and i + 1 < len(out) and out[i + 1] == AUTO:
+            out[i + 1] = "nan"
+        elif arg in ("--learning_rate=auto", "--learning-rate=auto"):
+            out[i] = "--learning_rate=nan"
+    return out
+
+
 def _read_yaml(path: str) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"Config file {path!r} not found.")
@@ -320,7 +364,10 @@ def parse_config(
     # argparse's errors (a choice outside a Literal) become exceptions the caller sees, not an exit
     parser = HfArgumentParser(classes, exit_on_error=False)
     known = {f.name: f.type for cls in classes for f in fields(cls)}
+    argv = _auto_learning_rate(argv)
     merged = config_file_values(parser, argv, defaults)
+    if merged.get("learning_rate") == AUTO:
+        merged["learning_rate"] = AUTO_LR
     _check_values(merged, known)
     parser.set_defaults(**merged)
     try:

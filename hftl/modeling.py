@@ -115,7 +115,7 @@ def _transport_errors() -> tuple[type, ...]:
     return tuple(client.TransportError for client in clients)
 
 
-def load_model_and_processor(auto_model_class, model_args, id2label: dict, **model_kwargs):
+def load_model_and_processor(auto_model_class, model_args, id2label: dict, /, **model_kwargs):
     """`from_pretrained` with a fresh head sized to `id2label`; unknown ids fail before any weights load."""
     from transformers import AutoConfig, AutoImageProcessor
 

@@ -15,11 +15,13 @@ from accelerate.utils import set_seed
 from datasets import DatasetDict
 
 from hftl import wiseft, zeroshot
-from hftl.config import RunConfig, parse_config
+from hftl.config import AUTO_LR, RunConfig, is_auto_lr, parse_config
+from hftl.curves import CURVES_FILE, plot_learning_curves
 from hftl.data import load_dataset_dict, standard_splits, subsample
 from hftl.fastpaths import probe_features
 from hftl.fastpaths.processed_cache import cache_processed
 from hftl.image_check import check_images
+from hftl.lr_find import range_test, save_range_test
 from hftl.outputs import save_model, write_results
 from hftl.preflight import preflight
 from hftl.strategies import apply_strategy, enable_activation_checkpointing
@@ -86,7 +88,15 @@ def prepare_data(task: Task, config: RunConfig, skipped: dict | None = None) -> 
     return dsd, spec
 
 
-def run_config(task_name: str, config: RunConfig) -> dict:
+def lr_find(task_name: str, argv: list[str] | None = None) -> dict:
+    """`hftl lr-find`: only the learning-rate range test of the run `argv` describes (lr_find.png/json in its
+    output_dir); returns {"learning_rate": suggestion, "plot": path}."""
+    config = parse_config(argv)
+    config.train.learning_rate = AUTO_LR
+    return run_config(task_name, config, lr_find_only=True)
+
+
+def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) -> dict:
     started = time.perf_counter()
     _check_output_dir(config)
     preflight(config)
@@ -114,7 +124,9 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     if config.model.from_scratch:
         model = random_init(model, config.train.seed)
     zero_shot_state = wiseft.snapshot(model) if config.strategy.wise_ft_alpha else None
-    adapted = apply_strategy(model, task, config.strategy, config.train.learning_rate)
+    auto_lr = is_auto_lr(config.train.learning_rate)
+    # with --learning_rate auto the groups' rates are multipliers until the range test has picked the base rate
+    adapted = apply_strategy(model, task, config.strategy, 1.0 if auto_lr else config.train.learning_rate)
     if config.train.gradient_checkpointing:
         enable_activation_checkpointing(adapted.model)
     accelerator.print(f"strategy {config.strategy.strategy}: {adapted.summary()}")
@@ -150,6 +162,20 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             train_ds = decoded
             accelerator.print(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
     # --- end fast paths ---
+    # the probe's cached features are not images: no batch-level augmentation for them
+    train_collate = task.train_collate(config.data, len(names)) if probe is None else None
+    if auto_lr:
+        found = range_test(
+            task, train_adapted, train_ds, train_collate or collate, config.train, accelerator,
+            steps=config.train.lr_find_steps,
+        )  # fmt: skip
+        plot = save_range_test(found, config.train.output_dir) if accelerator.is_main_process else None
+        if lr_find_only:
+            accelerator.print(f"suggested learning rate: {found.suggestion:.3g}  ({plot})")
+            return {"learning_rate": found.suggestion, "plot": str(plot)}
+        scale_learning_rate(train_adapted, found.suggestion)
+        config.train.learning_rate = found.suggestion
+        accelerator.print(f"learning rate (range test): {found.suggestion:.3g}")
     if config.strategy.strategy == "zero-shot":
         result = zeroshot.evaluate_only(task, adapted.model, eval_ds, collate, config, accelerator, id2label)
     else:
@@ -164,6 +190,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             id2label,
             main_metric,
             greater,
+            train_collate_fn=train_collate,
         )
     model = accelerator.unwrap_model(adapted.model)
     # train images skipped as they were read (a stream, or a train split too large to check up front)
@@ -205,6 +232,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
             "epochs": result.state.epoch,
             "steps": result.state.step,
             "best_epoch": result.state.best_epoch,
+            "weights": result.state.best_weights,
             "channels_last": result.channels_last,
             "torch_threads": threads[0],
             "decoded_images_mb": round(decoded.images.megabytes, 1) if decoded is not None else None,
@@ -221,6 +249,7 @@ def run_config(task_name: str, config: RunConfig) -> dict:
         out = Path(config.train.output_dir)
         test_evaluator.save_artifacts(out, "test")
         save_model(model, processor, config.model.model, config.strategy.merge_lora, out)
+        plot_learning_curves(result.state.history, main_metric, out / CURVES_FILE)
         results["run_seconds"] = round(time.perf_counter() - started, 2)
         write_results(out, results)
         accelerator.print(f"saved {out}  (run {results['run_seconds']:.1f}s)")
@@ -230,6 +259,12 @@ def run_config(task_name: str, config: RunConfig) -> dict:
     if accelerator.is_main_process:
         publish(config, results)
     return results
+
+
+def scale_learning_rate(adapted, base_lr: float) -> None:
+    """Param groups built with base rate 1.0 (their lr are multipliers) get `base_lr`."""
+    for group in adapted.param_groups:
+        group["lr"] *= base_lr
 
 
 def random_init(model, seed: int):

@@ -27,6 +27,7 @@ from hftl.config import TrainArgs
 from hftl.outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR
 from hftl.strategies import Adapted, optimizer_groups, set_frozen_norms_eval, snapshot_state
 from hftl.system import default_num_workers, keep_freed_memory
+from hftl.toolkit import new_ema
 
 STATE_FILE = "trainer_state.json"
 
@@ -38,6 +39,7 @@ class TrainState:
     batches_into_epoch: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
+    best_weights: str = "raw"  # or "ema": which weights scored best_metric
     evals_without_improvement: int = 0
     history: list = field(default_factory=list)
     # the current epoch's summed train loss and batch count so far: a resumed epoch records its true mean
@@ -187,6 +189,7 @@ def train(
     metric_for_best: str,
     greater_is_better: bool = True,
     fingerprint: dict | None = None,
+    train_collate_fn=None,
 ) -> TrainResult:
     """`fingerprint`: the caller's settings that decide the data (dataset, image size…); recorded in each
     checkpoint with the loop's own (batch size, accumulation, processes, split sizes, seed), and a resume with
@@ -204,7 +207,12 @@ def train(
     streamed = isinstance(train_dataset, torch.utils.data.IterableDataset)
     train_items = train_dataset if streamed else SeededItems(train_dataset, args.seed)
     train_loader = make_loader(
-        train_items, collate_fn, args.batch_size, not streamed, args.seed, 0 if streamed else args.num_workers
+        train_items,
+        train_collate_fn or collate_fn,
+        args.batch_size,
+        not streamed,
+        args.seed,
+        0 if streamed else args.num_workers,
     )
     eval_loader = make_loader(eval_dataset, collate_fn, eval_bs, False, args.seed, args.num_workers)
 
@@ -227,6 +235,7 @@ def train(
         )
     if args.compile:
         model = torch.compile(model)
+    ema = new_ema(accelerator.unwrap_model(model), args.ema_decay) if args.ema_decay else None
 
     fingerprint = {
         **(fingerprint or {}),
@@ -246,6 +255,10 @@ def train(
         accelerator.load_state(str(checkpoint))
         state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
         best_state = extra.get("best_state")
+        if ema is not None:
+            if extra.get("ema_state") is None:
+                raise ValueError(f"{checkpoint} was saved without --ema_decay: resume without it, or start afresh.")
+            ema.load_state_dict(extra["ema_state"])
         accelerator.print(f"Resumed from {checkpoint} at epoch {state.epoch}, step {state.step}.")
 
     samples_seen, start = 0, time.perf_counter()
@@ -290,6 +303,8 @@ def train(
             if accelerator.sync_gradients:
                 state.step += 1
                 progress.update(1)
+                if ema is not None:
+                    ema.update_parameters(accelerator.unwrap_model(model))
                 if state.step % args.logging_steps == 0:
                     mean_loss = running.item() / counted
                     progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
@@ -301,7 +316,7 @@ def train(
                         state,
                         args.output_dir,
                         args.checkpoints_total_limit,
-                        {"best_state": best_state, "fingerprint": fingerprint},
+                        _extra(best_state, ema, fingerprint),
                     )
                 if state.step >= total_steps:
                     break
@@ -317,11 +332,19 @@ def train(
             value = metrics.get(metric_for_best)
             if value is None:
                 raise KeyError(f"metric_for_best {metric_for_best!r} not among {sorted(metrics)}.")
-            if state.best_metric is None or (
-                value > state.best_metric if greater_is_better else value < state.best_metric
-            ):
+            better = (lambda a, b: a > b) if greater_is_better else (lambda a, b: a < b)
+            weights, scored = "raw", accelerator.unwrap_model(model)
+            if ema is not None:
+                ema_metrics, _ = evaluate(task, ema.module, eval_loader, accelerator, id2label)
+                record.update({f"ema_eval_{k}": v for k, v in ema_metrics.items() if _is_number(v)})
+                accelerator.log({f"ema_eval/{k}": v for k, v in ema_metrics.items() if _is_number(v)}, step=state.step)
+                accelerator.print(f"  EMA: {metric_for_best}={ema_metrics[metric_for_best]:.4f}")
+                if better(ema_metrics[metric_for_best], value):
+                    weights, scored, value = "ema", ema.module, ema_metrics[metric_for_best]
+            if state.best_metric is None or better(value, state.best_metric):
                 state.best_metric, state.best_epoch, state.evals_without_improvement = value, epoch + 1, 0
-                best_state = snapshot_state(accelerator.unwrap_model(model))
+                state.best_weights = weights
+                best_state = snapshot_state(scored)
             else:
                 state.evals_without_improvement += 1
             if args.early_stopping_patience and state.evals_without_improvement >= args.early_stopping_patience:
@@ -337,7 +360,7 @@ def train(
                 state,
                 args.output_dir,
                 args.checkpoints_total_limit,
-                {"best_state": best_state, "fingerprint": fingerprint},
+                _extra(best_state, ema, fingerprint),
             )
         if stop or state.step >= total_steps:
             break
@@ -347,6 +370,8 @@ def train(
     if best_state is not None:
         unwrapped.load_state_dict(best_state, strict=False)
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
+    if state.best_weights == "ema":  # report the metrics of the weights that were kept
+        best = {**best, **{k.removeprefix("ema_"): v for k, v in best.items() if k.startswith("ema_eval_")}}
     return TrainResult(state, best, seconds, samples_seen / max(seconds, 1e-9), channels_last)
 
 
@@ -394,6 +419,11 @@ def _make_optimizer(adapted: Adapted, args: TrainArgs) -> torch.optim.Optimizer:
         raise ValueError(f"Unknown optimizer {args.optimizer!r}: use adamw or sgd.")
     # fused: one kernel for all parameters, on CPU too (measured ~8x faster steps than foreach; see bench/)
     return torch.optim.AdamW(groups, lr=args.learning_rate, fused=True)
+
+
+def _extra(best_state, ema, fingerprint) -> dict:
+    ema_state = ema.state_dict() if ema is not None else None
+    return {"best_state": best_state, "fingerprint": fingerprint, "ema_state": ema_state}
 
 
 def _drop_masked_grads(model, masked: set) -> None:

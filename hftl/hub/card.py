@@ -158,6 +158,17 @@ def build_model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+def _weights_line(train: dict, config: dict) -> str | None:
+    decay = (config.get("train") or {}).get("ema_decay")
+    if not decay:
+        return None
+    if train.get("weights") == "ema":
+        return (
+            f"- Weights: the EMA of the weights (decay {decay}), which scored better on validation than the raw ones"
+        )
+    return f"- Weights: the raw weights, which scored better on validation than their EMA (decay {decay})"
+
+
 def _body(results: dict, repo_id: str, adapter_only: bool, images, base_model: str | None, dataset: str | None) -> str:
     pipeline_tag = results.get("pipeline_tag") or "image-classification"
     headline = results.get("metric_for_best")
@@ -201,6 +212,7 @@ def _body(results: dict, repo_id: str, adapter_only: bool, images, base_model: s
         f"- Parameters: {trainable:,} trainable of {total:,}{share}" if trainable is not None and total else None,
         f"- Epochs: {train.get('epochs')} ({train.get('steps')} optimizer steps), best epoch {train.get('best_epoch')}"
         f" by validation `{headline}`",
+        _weights_line(train, config),
         f"- Time: {train.get('seconds')} s ({train.get('samples_per_second')} samples/s) on {results.get('hardware')}",
         "- Data: " + ", ".join(f"{k} {v}" for k, v in (results.get("num_samples") or {}).items()),
     ]

@@ -1,7 +1,7 @@
 """Seed a Hub endpoint (normally the local one) with what hftl bundles, under the same names as online.
 
     hftl hub serve &           # local endpoint on 127.0.0.1:8765
-    hftl hub seed              # hftl/efficientnet-lite0 (model), hftl/digits and the other bundled datasets
+    hftl hub seed              # hftl/efficientnet-lite0 (model), the bundled datasets
 
 Afterwards `from_pretrained("hftl/efficientnet-lite0")` and `datasets.load_dataset("hftl/digits")` work through the
 endpoint exactly as they would against huggingface.co. Datasets go up as parquet, one file per split under
@@ -48,7 +48,7 @@ def _dataset_card(name: str, splits: dict[str, int], features) -> str:
     from huggingface_hub import DatasetCard, DatasetCardData
 
     data = DatasetCardData(
-        license="other" if name != "hftl/digits" else "bsd-3-clause",
+        license={"hftl/digits": "bsd-3-clause", "hftl/fashion-mnist": "mit"}.get(name, "other"),
         pretty_name=name.split("/")[-1],
         tags=["hftl", "bundled"],
         configs=[
@@ -103,6 +103,12 @@ def seed_hub(
         urls.append(seed_model(api, name))
         log(f"model   {urls[-1]}")
     for name in bundled_dataset_names() if datasets is None else datasets:
-        urls.append(seed_dataset(api, name))
+        try:
+            urls.append(seed_dataset(api, name))
+        except FileNotFoundError as missing:  # a set built from an OS package that is absent: say how to add it
+            if datasets is not None:
+                raise
+            log(f"skipped {name}: {missing}")
+            continue
         log(f"dataset {urls[-1]}")
     return urls

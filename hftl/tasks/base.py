@@ -98,6 +98,10 @@ class Task:
         """A batch dict (tensors, or lists for detection targets)."""
         raise NotImplementedError
 
+    def train_collate(self, data_args, num_classes: int):
+        """The collate function for train batches (batch-level augmentation such as MixUp). Default: `collate`."""
+        return self.collate
+
     # --- model -----------------------------------------------------------------------------------------------
     def load_model(self, model_args, id2label: dict) -> tuple[Any, Any]:
         """(model, image processor) with a head for `id2label`."""

@@ -22,6 +22,16 @@ from hftl.modeling import (
 from hftl.pixels import pixel_steps, processor_pixels
 from hftl.strategies import last_linear_named, peft_base
 from hftl.tasks.base import Task
+from hftl.toolkit import (
+    WithMixSeed,
+    batch_mixer,
+    draw_mix_seed,
+    drop_path_kwargs,
+    erasing_steps,
+    item_augmentations,
+    mixes,
+    policy_steps,
+)
 
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label", "coarse_label")
 
@@ -128,7 +138,9 @@ class ClassificationTask(Task):
             model, processor = zeroshot.load_classifier(path, model_args, id2label, strategy)
         else:
             zeroshot.check_needs_dual_encoder(strategy, model_args.model)
-            model, processor = load_model_and_processor(AutoModelForImageClassification, model_args, id2label)
+            model, processor = load_model_and_processor(
+                AutoModelForImageClassification, model_args, id2label, **_drop_path_kwargs(model_args)
+            )
         if self.config is not None and self.config.data.image_size:
             resize_processor(processor, model.config, self.config.data.image_size)
         return model, processor
@@ -163,13 +175,17 @@ class ClassificationTask(Task):
                 "the image processor itself on each cropped image (slower; the decoded-image cache is off).",
                 stacklevel=2,
             )
-        crop_and_flip = v2.Compose(_random_crop_and_flip(processor, data_args))
+        crop_and_flip = v2.Compose(_random_crop_and_flip(processor, data_args) + policy_steps(data_args))
+        # erasing on the uint8 tensor, as on the decoded path, so both paths draw the same pixels
+        erasing = erasing_steps(data_args)
+        erase = v2.Compose(erasing) if erasing else (lambda pixels: pixels)
         image_col, label_col = self.image_column, self.label_column
+        mixing = mixes(data_args)
 
         def augmented(image):
             if self.pixel_steps is None:
-                return processor_pixels(processor, [crop_and_flip(image)])[0]
-            return self.pixel_steps(v2.functional.pil_to_tensor(crop_and_flip(image)))
+                return erase(processor_pixels(processor, [crop_and_flip(image)])[0])
+            return self.pixel_steps(erase(v2.functional.pil_to_tensor(crop_and_flip(image))))
 
         def train_batch(batch):
             # train images are decoded here, so one that cannot be read is skipped (a large train split is not
@@ -180,7 +196,10 @@ class ClassificationTask(Task):
                 pixels = [augmented(im) for im in images]
             else:
                 pixels = list(processor(images, return_tensors="pt")["pixel_values"]) if images else []
-            return {"pixel_values": pixels, "labels": labels}
+            out = {"pixel_values": pixels, "labels": labels}
+            if mixing:
+                out["mix_seed"] = [draw_mix_seed() for _ in images]
+            return out
 
         def eval_batch(batch):
             # the saved image processor is what pipeline() will use, so evaluation uses exactly it
@@ -209,8 +228,9 @@ class ClassificationTask(Task):
         images = decode_images(train, self.image_column, min_area, data_args.decoded_cache_max_mb)
         if images is None:
             return None
-        augment = v2.Compose(_random_crop_and_flip(processor, data_args))
-        return AugmentedDecodedSplit(images, list(train[self.label_column]), augment)
+        augment = v2.Compose(_random_crop_and_flip(processor, data_args) + item_augmentations(data_args))
+        split = AugmentedDecodedSplit(images, list(train[self.label_column]), augment)
+        return WithMixSeed(split) if mixes(data_args) else split
 
     def unreadable_train_images(self) -> list[str]:
         return list(self.unreadable)
@@ -218,7 +238,8 @@ class ClassificationTask(Task):
     @staticmethod
     def deterministic_splits(data_args) -> list[str]:
         """Splits whose preprocessing has no randomness: the runner caches their tensors after the first pass."""
-        return ["validation"] + ([] if data_args.augment else ["train"])
+        # mixing draws new pairs every epoch (its seed comes with each item), so a mixed train split is not fixed
+        return ["validation"] + ([] if data_args.augment or mixes(data_args) else ["train"])
 
     @staticmethod
     def collate(examples: list[dict]) -> dict:
@@ -226,6 +247,13 @@ class ClassificationTask(Task):
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
         }
+
+    def train_collate(self, data_args, num_classes: int):
+        """`collate`, then MixUp/CutMix (soft labels) when asked for; train batches only."""
+        mixer = batch_mixer(data_args, num_classes)
+        if mixer is None:
+            return self.collate
+        return lambda examples: mixer(self.collate(examples), examples[0]["mix_seed"])
 
     def forward(self, model, batch):
         pixels = batch["pixel_values"]
@@ -312,6 +340,16 @@ def _random_crop_and_flip(processor, data_args) -> list:
     size = processor_input_size(processor)
     steps = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
     return steps + [v2.RandomHorizontalFlip()] if data_args.hflip else steps
+
+
+def _drop_path_kwargs(model_args) -> dict:
+    rate = getattr(model_args, "drop_path_rate", None)
+    if rate is None:
+        return {}
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model_args.model, model_args.revision)
+    return drop_path_kwargs(AutoConfig.from_pretrained(path, revision=model_args.revision), rate)
 
 
 def _detect(features, is_kind, names, what: str, option: str) -> str:
