@@ -43,8 +43,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def _names_under(model: nn.Module, module_names: list[str]) -> set[str]:
-    prefixes = tuple(name + "." for name in module_names)
-    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+    # by identity: a head shared under two names (D-FINE's class_embed is also model.decoder.class_embed) is
+    # listed by named_parameters() under only one of them
+    ids = {id(p) for name in module_names for p in model.get_submodule(name).parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
 def _backbone_names(model: nn.Module, task) -> set[str]:
@@ -145,16 +147,15 @@ def lora_targets(model: nn.Module, task, args: StrategyArgs) -> list[str]:
 
 
 def _wrap_peft(model: nn.Module, task, args: StrategyArgs) -> nn.Module:
-    from peft import LoHaConfig, LoraConfig, get_peft_model
+    from peft import LoHaConfig, LoraConfig
+
+    from hftl import lora
 
     targets = lora_targets(model, task, args)
-    found = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
-    if not any(t in found for t in targets):
-        raise ValueError(
-            f"None of the LoRA target modules {targets} exist in {type(model).__name__}; "
-            "pass --lora_target_modules with names from model.named_modules()."
-        )
-    modules_to_save = task.head_modules(model)
+    heads = task.head_modules(model)
+    # every check before training: a run must not train for an hour and then fail to merge at the save
+    lora.check_targets(model, targets, heads, merge=args.merge_lora)
+    modules_to_save = lora.save_names(model, heads)
     if args.lora_method == "loha":
         config = LoHaConfig(
             r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, modules_to_save=modules_to_save
@@ -170,7 +171,7 @@ def _wrap_peft(model: nn.Module, task, args: StrategyArgs) -> nn.Module:
         )
     else:
         raise ValueError(f"Unknown --lora_method {args.lora_method!r}; choose lora, dora or loha.")
-    return get_peft_model(model, config)
+    return lora.wrap(model, config)
 
 
 def optimizer_groups(adapted: Adapted, weight_decay: float) -> list[dict]:
