@@ -86,9 +86,9 @@ def usable_preset(model: nn.Module, names: Iterable[str], heads: list[str]) -> l
     return kept
 
 
-def check_targets(model: nn.Module, targets: list[str] | str, heads: list[str], merge: bool) -> None:
+def check_targets(model: nn.Module, targets: list[str] | str, heads: list[str], rank: int, merge: bool) -> None:
     """Before any training: the targets must match a layer PEFT supports, none inside a head, and (when the run
-    saves a merged model) none that PEFT cannot merge."""
+    saves a merged model) none that PEFT cannot merge; grouped convolutions only where PEFT takes them."""
     matched = matched_modules(model, targets)
     if not matched:
         raise ValueError(
@@ -109,6 +109,13 @@ def check_targets(model: nn.Module, targets: list[str] | str, heads: list[str], 
             "Linear/Conv2d layers inside them (e.g. 'conv1.conv') in --lora_target_modules."
         )
     grouped = sorted(n for n, m in matched.items() if isinstance(m, nn.Conv2d) and m.groups > 1)
+    indivisible = [n for n in grouped if rank % matched[n].groups]
+    if indivisible:
+        raise ValueError(
+            f"LoRA targets {indivisible[:5]} are grouped/depthwise convolutions whose groups "
+            f"({matched[indivisible[0]].groups}) do not divide --lora_r {rank}, which PEFT requires; leave them out "
+            "of --lora_target_modules."
+        )
     if grouped and merge:
         raise ValueError(
             f"LoRA targets {grouped[:5]} are grouped/depthwise convolutions, which PEFT cannot merge into the model; "
@@ -177,11 +184,26 @@ def vision_peft_guard(model: nn.Module):
         config.tie_word_embeddings = before
 
 
+_CONV_ATTRIBUTES = ("stride", "padding", "dilation", "kernel_size", "groups", "padding_mode")
+
+
+def _expose_conv_attributes(model: nn.Module) -> nn.Module:
+    """Some models read a convolution's settings in their own forward (MobileNet's TF-style padding reads
+    `conv.stride`); PEFT's LoRA convolution does not forward them, so they are copied onto it."""
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Conv2d) and module is not base:
+            for attribute in _CONV_ATTRIBUTES:
+                if attribute not in module.__dict__:
+                    setattr(module, attribute, getattr(base, attribute))
+    return model
+
+
 def wrap(model: nn.Module, peft_config) -> nn.Module:
     from peft import get_peft_model
 
     with vision_peft_guard(model):
-        return get_peft_model(model, peft_config)
+        return _expose_conv_attributes(get_peft_model(model, peft_config))
 
 
 def load_adapter(base: nn.Module, adapter_dir, **kwargs) -> nn.Module:
@@ -189,4 +211,4 @@ def load_adapter(base: nn.Module, adapter_dir, **kwargs) -> nn.Module:
     from peft import PeftModel
 
     with vision_peft_guard(base):
-        return PeftModel.from_pretrained(base, str(adapter_dir), **kwargs)
+        return _expose_conv_attributes(PeftModel.from_pretrained(base, str(adapter_dir), **kwargs))

@@ -105,7 +105,10 @@ def apply_strategy(model: nn.Module, task, args: StrategyArgs, learning_rate: fl
         _freeze_all_but(model, keep)
         lr_of = {n: learning_rate * (args.head_lr_scale if n in head else 1.0) for n in keep}
     elif strategy in ("full", "gradual-unfreeze"):
-        # parameters the model freezes itself (DETR's ResNet stem and first stage) stay frozen
+        # every parameter trains, except those frozen in the loaded model itself (fixed embeddings). DETR's and
+        # Conditional DETR's constructors freeze a ResNet backbone's stem (or, with transformers' ResNet naming, the
+        # whole backbone), but from_pretrained drops that flag: `full` trains the backbone, as the transformers
+        # examples do; `frozen-backbone` and --layer_decay are the ways to hold it back.
         _freeze_all_but(model, {n for n, p in model.named_parameters() if p.requires_grad} | head)
         body = [n for n, p in model.named_parameters() if n not in head and p.requires_grad]
         depth = depth_levels(body)
@@ -151,10 +154,15 @@ def _wrap_peft(model: nn.Module, task, args: StrategyArgs) -> nn.Module:
 
     from hftl import lora
 
+    if getattr(model, "hftl_converted", False) and not args.merge_lora:
+        raise ValueError(
+            "--merge_lora false keeps only the LoRA adapter, but this model is hftl's conversion of a timm "
+            "classifier (no hub holds its base, so the adapter could not be loaded); drop --merge_lora false."
+        )
     targets = lora_targets(model, task, args)
     heads = task.head_modules(model)
     # every check before training: a run must not train for an hour and then fail to merge at the save
-    lora.check_targets(model, targets, heads, merge=args.merge_lora)
+    lora.check_targets(model, targets, heads, rank=args.lora_r, merge=args.merge_lora)
     modules_to_save = lora.save_names(model, heads)
     if args.lora_method == "loha":
         config = LoHaConfig(

@@ -55,6 +55,9 @@ def _outputs(model, pixels: torch.Tensor) -> list[torch.Tensor]:
 
 def train_and_save(task_name: str, folder, strategy: str, out, size: int = SIZE):
     """(task, trained model as saved, processor): two AdamW steps through hftl's strategy and save path."""
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # what a run has set up before save_model logs
     task = get_task(task_name)
     model, processor = task.load_model(ModelArgs(model=str(folder)), ID2LABEL)
     heads = task.head_modules(model)
@@ -175,3 +178,145 @@ def test_classification_lora_family(family, family_dir, tmp_path):
     if "levit" in family:
         assert len(heads) == 2, heads  # the distillation head is trained too
     _check_adapter("classification", folder, tmp_path, size)
+
+
+# ---- what `full` freezes ---------------------------------------------------------------------------------------
+def test_full_trains_the_backbone_the_constructor_would_freeze(tmp_path):
+    """Conditional DETR's constructor freezes a ResNet backbone (its name rule, 'stage.1', misses transformers'
+    ResNet's 'stages.1', so all of it); from_pretrained drops the flag. hftl's decision: `full` trains every
+    parameter of the loaded model, backbone included; `frozen-backbone` keeps it frozen."""
+    from transformers import (
+        ConditionalDetrConfig,
+        ConditionalDetrForObjectDetection,
+        ConditionalDetrImageProcessor,
+        ResNetConfig,
+    )
+
+    from tests.fixtures.families import _DETR_PROC, _DETR_SIZE, TWO_LABELS
+
+    torch.manual_seed(0)
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1] * 4, out_features=["stage4"])
+    config = ConditionalDetrConfig(backbone_config=backbone, **_DETR_SIZE, **TWO_LABELS)
+    built = ConditionalDetrForObjectDetection(config)
+    assert not any(p.requires_grad for p in built.model.backbone.parameters())  # the constructor's freezing
+    built.save_pretrained(tmp_path / "base")
+    ConditionalDetrImageProcessor(**_DETR_PROC).save_pretrained(tmp_path / "base")
+    task = get_task("detection")
+    for strategy, backbone_trains in (("full", True), ("frozen-backbone", False)):
+        model, _ = task.load_model(ModelArgs(model=str(tmp_path / "base")), ID2LABEL)
+        adapted = apply_strategy(model, task, StrategyArgs(strategy=strategy), learning_rate=1e-3)
+        flags = {p.requires_grad for p in task.backbone(adapted.model).parameters()}
+        assert flags == {backbone_trains}, strategy
+        if strategy == "full":
+            assert adapted.trainable == adapted.total
+
+
+# ---- timm classifier converted to DETR / UperNet ----------------------------------------------------------------
+def _timm_classifier(folder, **model_args):
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    torch.manual_seed(0)
+    pretrained_cfg = {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    config = TimmWrapperConfig(
+        architecture="test_resnet", pretrained_cfg=pretrained_cfg, model_args=model_args or None, num_labels=2
+    )
+    TimmWrapperForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("task_name", ["detection", "segmentation"])
+def test_lora_on_a_converted_timm_classifier_saves_only_what_loads(task_name, tmp_path):
+    folder = _timm_classifier(tmp_path / "timm")
+    out = tmp_path / "out"
+    task, model, _ = train_and_save(task_name, folder, "lora", out)
+    assert not (out / "adapter").exists()  # its base (the converted model) exists nowhere else
+    _check_pipeline(task_name, out)
+    task = get_task(task_name)
+    model, _ = task.load_model(ModelArgs(model=str(folder)), ID2LABEL)
+    with pytest.raises(ValueError, match="merge_lora false"):
+        apply_strategy(model, task, StrategyArgs(strategy="lora", merge_lora=False), learning_rate=1e-3)
+
+
+@pytest.mark.parametrize("task_name", ["detection", "segmentation"])
+def test_timm_model_args_are_refused_in_one_line(task_name, tmp_path):
+    folder = _timm_classifier(tmp_path / "timm", stem_width=16)
+    with pytest.raises(ValueError, match=r"model_args \{'stem_width': 16\} cannot be carried") as error:
+        get_task(task_name).load_model(ModelArgs(model=str(folder)), ID2LABEL)
+    assert "\n" not in str(error.value)
+
+
+def test_converted_backbone_has_the_classifier_weights_by_timms_own_mapping(tmp_path):
+    from transformers import TimmWrapperForImageClassification
+
+    folder = _timm_classifier(tmp_path / "timm")
+    model, _ = get_task("segmentation").load_model(ModelArgs(model=str(folder)), ID2LABEL)
+    classifier = TimmWrapperForImageClassification.from_pretrained(folder).timm_model.state_dict()
+    encoder = model.backbone._backbone.state_dict()
+    assert torch.equal(encoder["conv1.0.weight"], classifier["conv1.0.weight"])
+    assert torch.equal(encoder["layer4.0.conv1.weight"], classifier["layer4.0.conv1.weight"])
+
+
+# ---- LoRA targets ---------------------------------------------------------------------------------------------
+def _lora_model(family, family_dir, **strategy):
+    task = get_task("classification")
+    model, _ = task.load_model(ModelArgs(model=str(family_dir(family))), ID2LABEL)
+    return task, model, StrategyArgs(strategy="lora", **strategy)
+
+
+def test_dotted_target_names_follow_peft(family_dir):
+    task, model, args = _lora_model("levit", family_dir, lora_target_modules="queries_keys_values.linear")
+    wrapped = apply_strategy(model, task, args, learning_rate=1e-3).model
+    adapted = [n for n, _ in wrapped.named_modules() if n.endswith("queries_keys_values.linear")]
+    assert adapted and all(hasattr(wrapped.get_submodule(n), "lora_A") for n in adapted)
+
+
+def test_unmergeable_targets_are_refused_before_training(family_dir):
+    # MobileNetV2's depthwise convolutions: groups (e.g. 48) do not divide the rank, which PEFT requires
+    task, model, args = _lora_model("mobilenet_v2", family_dir, lora_target_modules="convolution")
+    with pytest.raises(ValueError, match="do not divide --lora_r 8"):
+        apply_strategy(model, task, args, learning_rate=1e-3)
+    # ConvNeXtV2's depthwise convolutions (8 and 16 groups) fit rank 16, but PEFT cannot merge them
+    task, model, args = _lora_model("convnextv2", family_dir, lora_target_modules="dwconv", lora_r=16)
+    with pytest.raises(ValueError, match="cannot merge"):
+        apply_strategy(model, task, args, learning_rate=1e-3)
+    task, model, args = _lora_model(
+        "convnextv2", family_dir, lora_target_modules="dwconv", lora_r=16, merge_lora=False
+    )
+    assert apply_strategy(model, task, args, learning_rate=1e-3).trainable > 0
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [("classifier", "inside the head"), ("layer", "not layers PEFT can adapt"), ("nothing_here", "match a module")],
+)
+def test_bad_targets_are_named(family_dir, targets, message):
+    task, model, args = _lora_model("mobilenet_v2", family_dir, lora_target_modules=targets)
+    with pytest.raises(ValueError, match=message):
+        apply_strategy(model, task, args, learning_rate=1e-3)
+
+
+def test_default_targets_are_plain_mergeable_layers_outside_the_head(family_dir):
+    from hftl.lora import matched_modules
+
+    task, model, _ = _lora_model("mobilenet_v2", family_dir)
+    targets = task.lora_targets(model)
+    matched = matched_modules(model, targets)
+    assert matched and all(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in matched.values())
+    assert all(m.groups == 1 for m in matched.values() if isinstance(m, torch.nn.Conv2d))
+    assert not any(n.startswith("classifier") for n in matched)
+
+
+def test_modules_to_save_wrap_each_head_once(family_dir):
+    """DPT's heads are `neck`, `head` and `auxiliary_head`; PEFT's suffix rule would wrap `head.head` inside
+    `head` and `auxiliary_head` too."""
+    from hftl.lora import save_names
+
+    task = get_task("segmentation")
+    model, _ = task.load_model(ModelArgs(model=str(family_dir("dpt"))), ID2LABEL)
+    heads = task.head_modules(model)
+    names = save_names(model, heads)
+    keys = [n for n, _ in model.named_modules()]
+    wrapped = {k for k in keys for u in names if k.endswith(u)}
+    assert not any(a.startswith(b + ".") for a in wrapped for b in wrapped)
+    covered = {id(p) for k in wrapped for p in model.get_submodule(k).parameters()}
+    assert covered == {id(p) for h in heads for p in model.get_submodule(h).parameters()}

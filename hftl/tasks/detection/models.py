@@ -50,8 +50,9 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         ConditionalDetrConfig,
         ConditionalDetrForObjectDetection,
         ConditionalDetrImageProcessor,
-        TimmWrapperForImageClassification,
     )
+
+    from hftl.modeling import load_backbone_weights, timm_features_state
 
     id2label = {int(k): v for k, v in id2label.items()}
     config = ConditionalDetrConfig(
@@ -61,9 +62,10 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         label2id={v: k for k, v in id2label.items()},
         **DETECTOR_SIZE,
     )
+    state = timm_features_state(path, timm_config, config.backbone_config.out_indices)  # refuses model_args first
     model = ConditionalDetrForObjectDetection(config)
-    classifier = TimmWrapperForImageClassification.from_pretrained(path)
-    load_backbone_weights(model.model.backbone.model, classifier.timm_model.state_dict())
+    load_backbone_weights(model.model.backbone.model, state)
+    model.hftl_converted = True  # no hub holds this detector: see hftl.runner.save_model
     cfg = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     side = image_size or DEFAULT_IMAGE_SIZE
     processor = ConditionalDetrImageProcessor(
@@ -72,23 +74,3 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         image_std=list(cfg.get("std") or (0.229, 0.224, 0.225)),
     )
     return model, processor
-
-
-def load_backbone_weights(backbone: torch.nn.Module, classifier_state: dict) -> int:
-    """Copies the classifier's tensors into the features-only backbone by name; every backbone tensor must be
-    covered (a features-only model has a subset of the classifier's layers, minus its head)."""
-    from hftl.bundled import _timm_full_name
-
-    target = backbone.state_dict()
-    loaded, missing = {}, []
-    for key, tensor in target.items():
-        source = classifier_state.get(_timm_full_name(key))
-        if source is not None and source.shape == tensor.shape:
-            loaded[key] = source
-        elif not key.endswith("num_batches_tracked"):
-            missing.append(key)
-    if missing:
-        raise ValueError(f"The timm checkpoint does not cover these backbone tensors: {missing[:10]}")
-    with torch.no_grad():
-        backbone.load_state_dict(loaded, strict=False)
-    return len(loaded)

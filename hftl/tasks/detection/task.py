@@ -137,7 +137,7 @@ class DetectionTask(Task):
             if id(module) not in seen and not any(name.startswith(h + ".") for h in unique):
                 seen.add(id(module))
                 unique.append(name)
-        return unique
+        return sorted(unique)
 
     def lora_targets(self, model) -> list[str]:
         from hftl.lora import derive_targets, usable_preset

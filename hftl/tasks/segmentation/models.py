@@ -16,10 +16,11 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
     from transformers import (
         SegformerImageProcessor,
         TimmBackboneConfig,
-        TimmWrapperForImageClassification,
         UperNetConfig,
         UperNetForSemanticSegmentation,
     )
+
+    from hftl.modeling import load_backbone_weights, timm_features_state
 
     architecture = timm_config.architecture
     id2label = {int(k): v for k, v in id2label.items()}
@@ -33,9 +34,10 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
         label2id={v: k for k, v in id2label.items()},
         loss_ignore_index=ignore_index,
     )
+    state = timm_features_state(path, timm_config, levels)  # refuses model_args first
     model = UperNetForSemanticSegmentation(config)
-    classifier = TimmWrapperForImageClassification.from_pretrained(path)
-    _copy_encoder_weights(classifier.timm_model, model.backbone._backbone, architecture)
+    load_backbone_weights(model.backbone._backbone, state)
+    model.hftl_converted = True  # no hub holds this UperNet: see hftl.runner.save_model
     pretrained = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     size = int((pretrained.get("input_size") or [3, 224, 224])[-1])
     processor = SegformerImageProcessor(
@@ -59,24 +61,3 @@ def _feature_levels(architecture: str) -> list[int]:
             f"timm model {architecture!r} has {count} feature level(s); UperNet needs a multi-scale encoder."
         )
     return list(range(max(0, count - 4), count))
-
-
-@torch.no_grad()
-def _copy_encoder_weights(source: torch.nn.Module, target: torch.nn.Module, architecture: str) -> None:
-    """Every encoder tensor must come from the classifier (same names, same shapes): a silent partial copy would
-    train a randomly initialised encoder while claiming transfer."""
-    weights = source.state_dict()
-    wanted = target.state_dict()
-    names = {key: _classifier_name(key, weights) for key in wanted}
-    missing = [k for k, v in wanted.items() if names[k] not in weights or weights[names[k]].shape != v.shape]
-    if missing:
-        raise ValueError(f"Could not copy {architecture} weights into the UperNet encoder; unmatched: {missing[:5]}")
-    target.load_state_dict({key: weights[names[key]] for key in wanted}, strict=True)
-
-
-def _classifier_name(key: str, weights: dict) -> str:
-    """timm's feature wrappers flatten nested module paths ("stages_0.blocks…" for "stages.0.blocks…")."""
-    if key in weights:
-        return key
-    head, _, rest = key.partition(".")
-    return f"{head.replace('_', '.', 1)}.{rest}" if rest else key
