@@ -126,16 +126,18 @@ class DetectionTask(Task):
         """Class and box heads, found from the model's structure: every top-level part besides the base model
         (DETR, Conditional/Deformable/DAB-DETR, YOLOS, D-FINE), plus the label-sized predictors inside it
         (RT-DETR / D-FINE's per-decoder-layer `class_embed`, `enc_score_head`, `denoising_class_embed`) and the
-        box predictors laid out like them. A module shared under two names is listed once."""
+        box predictors laid out like them. A head shared under two names is listed once."""
         base = peft_base(model)
         inner = getattr(base, base.base_model_prefix)
-        heads = [name for name, child in base.named_children() if child is not inner and _has_parameters(child)]
-        heads += [f"{base.base_model_prefix}.{name}" for name in predictor_modules(inner, base.config)]
+        # inner predictors first: where a top-level head is an alias of one the decoder uses (D-FINE ties its
+        # class_embed / bbox_embed to model.decoder.*), the one the forward pass runs is the one to train and wrap
+        heads = [f"{base.base_model_prefix}.{name}" for name in predictor_modules(inner, base.config)]
+        heads += [name for name, child in base.named_children() if child is not inner and _has_parameters(child)]
         seen, unique = set(), []
         for name in heads:
-            module = base.get_submodule(name)
-            if id(module) not in seen and not any(name.startswith(h + ".") for h in unique):
-                seen.add(id(module))
+            params = frozenset(id(p) for p in base.get_submodule(name).parameters())
+            if params not in seen and not any(name.startswith(h + ".") for h in unique):
+                seen.add(params)
                 unique.append(name)
         return sorted(unique)
 
