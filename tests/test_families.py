@@ -9,7 +9,6 @@ parts, PEFT wrapping, saving), which the data path does not change.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ import torch
 from PIL import Image
 
 from hftl.config import ModelArgs, StrategyArgs
-from hftl.models import apply_strategy, optimizer_groups, set_frozen_norms_eval
-from hftl.runner import save_model
+from hftl.outputs import save_model
+from hftl.strategies import apply_strategy, optimizer_groups, set_frozen_norms_eval
 from hftl.tasks import get_task
 from tests.fixtures.families import CLASSIFICATION, DETECTION, SEGMENTATION, SIZE
 
@@ -86,8 +85,7 @@ def train_and_save(task_name: str, folder, strategy: str, out, size: int = SIZE)
     changed_ids = {id(p) for n, p in params.items() if n in changed}
     for head in heads:  # by identity: D-FINE's heads are shared with its decoder and listed there
         assert any(id(p) in changed_ids for p in root.get_submodule(head).parameters()), f"head {head} did not train"
-    config = SimpleNamespace(model=SimpleNamespace(model=str(folder)), strategy=SimpleNamespace(merge_lora=True))
-    save_model(model, processor, config, out)
+    save_model(model, processor, str(folder), True, out)
     return task, model, processor
 
 
