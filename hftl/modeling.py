@@ -216,3 +216,44 @@ def timm_classifier_name(key: str, weights: dict) -> str:
         return key
     head, _, rest = key.partition(".")
     return f"{head.replace('_', '.', 1)}.{rest}" if rest else key
+
+
+def timm_features_state(path: str, timm_config, out_indices: list[int]) -> dict:
+    """The features-only state dict of the timm classifier at `path`, made by timm itself: timm builds the
+    features-only model and loads the classifier's weights into it (its own name mapping and head filtering), as
+    `timm.create_model(..., features_only=True, pretrained=True)` does for Hub weights. One loader for every task
+    that puts a timm classifier inside another architecture (DETR, UperNet)."""
+    import timm
+    from transformers import TimmWrapperForImageClassification
+
+    architecture = timm_config.architecture
+    if timm_config.model_args:
+        # transformers' TimmBackbone builds from the architecture name alone, so the saved model would not rebuild
+        raise ValueError(
+            f"The timm model's model_args {dict(timm_config.model_args)} cannot be carried into a transformers "
+            f"TimmBackbone (its config has no field for them); use a {architecture} without model_args."
+        )
+    classifier = TimmWrapperForImageClassification.from_pretrained(path)
+    features = timm.create_model(
+        architecture,
+        pretrained=True,
+        features_only=True,
+        out_indices=out_indices,
+        pretrained_cfg_overlay={"source": "", "state_dict": classifier.timm_model.state_dict()},
+    )
+    return features.state_dict()
+
+
+def load_backbone_weights(backbone, features_state: dict) -> int:
+    """Loads the features-only state dict timm made (`timm_features_state`); every backbone tensor must be
+    covered, so a mismatch fails here rather than training a random backbone while claiming transfer."""
+    import torch
+
+    target = backbone.state_dict()
+    loaded = {k: v for k, v in features_state.items() if k in target and v.shape == target[k].shape}
+    missing = [k for k in target if k not in loaded and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"The timm checkpoint does not cover these backbone tensors: {missing[:10]}")
+    with torch.no_grad():
+        backbone.load_state_dict(loaded, strict=False)
+    return len(loaded)

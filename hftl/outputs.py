@@ -42,7 +42,18 @@ def save_model(model, processor, base_model: str, merge_lora: bool, out: Path) -
     """A standard Hugging Face folder; LoRA runs also keep the adapter (in `adapter/`), merged by option."""
     out = Path(out)
     model.to(memory_format=torch.contiguous_format)  # trained in channels_last or not, saved in the standard layout
-    if hasattr(model, "peft_config"):
+    if hasattr(model, "peft_config") and getattr(model.get_base_model(), "hftl_converted", False):
+        # the adapter's base would be the timm classifier, but the detector/decoder around it exists only in this
+        # run: an adapter nobody can load is not offered (strategies._wrap_peft refuses --merge_lora false up front)
+        from accelerate.logging import get_logger
+
+        get_logger(__name__).warning(
+            "LoRA adapter not saved: its base is hftl's conversion of the timm classifier, which no hub holds; "
+            "the merged model is the result.",
+            main_process_only=False,
+        )
+        model = model.merge_and_unload()
+    elif hasattr(model, "peft_config"):
         for peft_config in model.peft_config.values():
             # record the id the user named, not the local cache path it resolved to
             peft_config.base_model_name_or_path = base_model

@@ -47,8 +47,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def _names_under(model: nn.Module, module_names: list[str]) -> set[str]:
-    prefixes = tuple(name + "." for name in module_names)
-    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+    # by identity: a head shared under two names (D-FINE's class_embed is also model.decoder.class_embed) is
+    # listed by named_parameters() under only one of them
+    ids = {id(p) for name in module_names for p in model.get_submodule(name).parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
 def _backbone_names(model: nn.Module, task) -> set[str]:
@@ -107,7 +109,10 @@ def apply_strategy(model: nn.Module, task, args: StrategyArgs, learning_rate: fl
         _freeze_all_but(model, keep)
         lr_of = {n: learning_rate * (args.head_lr_scale if n in head else 1.0) for n in keep}
     elif strategy in ("full", "gradual-unfreeze"):
-        # parameters the model freezes itself (DETR's ResNet stem and first stage) stay frozen
+        # every parameter trains, except those frozen in the loaded model itself (fixed embeddings). DETR's and
+        # Conditional DETR's constructors freeze a ResNet backbone's stem (or, with transformers' ResNet naming, the
+        # whole backbone), but from_pretrained drops that flag: `full` trains the backbone, as the transformers
+        # examples do; `frozen-backbone` and --layer_decay are the ways to hold it back.
         _freeze_all_but(model, {n for n, p in model.named_parameters() if p.requires_grad} | head)
         body = [n for n, p in model.named_parameters() if n not in head and p.requires_grad]
         depth = depth_levels(body)
@@ -157,16 +162,20 @@ def lora_targets(model: nn.Module, task, args: StrategyArgs) -> list[str]:
 
 
 def _wrap_peft(model: nn.Module, task, args: StrategyArgs) -> nn.Module:
-    from peft import LoHaConfig, LoraConfig, get_peft_model
+    from peft import LoHaConfig, LoraConfig
 
-    targets = lora_targets(model, task, args)
-    found = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
-    if not any(t in found for t in targets):
+    from hftl import lora
+
+    if getattr(model, "hftl_converted", False) and not args.merge_lora:
         raise ValueError(
-            f"None of the LoRA target modules {targets} exist in {type(model).__name__}; "
-            "pass --lora_target_modules with names from model.named_modules()."
+            "--merge_lora false keeps only the LoRA adapter, but this model is hftl's conversion of a timm "
+            "classifier (no hub holds its base, so the adapter could not be loaded); drop --merge_lora false."
         )
-    modules_to_save = task.head_modules(model)
+    targets = lora_targets(model, task, args)
+    heads = task.head_modules(model)
+    # every check before training: a run must not train for an hour and then fail to merge at the save
+    lora.check_targets(model, targets, heads, rank=args.lora_r, merge=args.merge_lora)
+    modules_to_save = lora.save_names(model, heads)
     if args.lora_method == "loha":
         config = LoHaConfig(
             r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, modules_to_save=modules_to_save
@@ -182,7 +191,7 @@ def _wrap_peft(model: nn.Module, task, args: StrategyArgs) -> nn.Module:
         )
     else:
         raise ValueError(f"Unknown --lora_method {args.lora_method!r}; choose lora, dora or loha.")
-    return get_peft_model(model, config)
+    return lora.wrap(model, config)
 
 
 def optimizer_groups(adapted: Adapted, weight_decay: float) -> list[dict]:

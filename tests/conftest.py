@@ -31,4 +31,4 @@ if os.environ.get("HFTL_TEST_DEVICE") != "cuda":  # bench/gpu_check.py runs the 
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.data", "tests.fixtures.hub"]
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.data", "tests.fixtures.hub", "tests.fixtures.families"]

@@ -91,8 +91,8 @@ def cached_linear_probe(task, adapted: Adapted, dsd, processor, config, accelera
     not apply (then the caller trains the usual way)."""
     from hftl.trainer import make_loader, wants_channels_last
 
-    if task.name not in SUPPORTED_TASKS:
-        return None
+    if task.name not in SUPPORTED_TASKS or len(task.head_modules(adapted.model)) != 1:
+        return None  # LeViT's two heads (averaged) are not one cached-feature head
     model = adapted.model.to(accelerator.device)
     if wants_channels_last(model, config.train.channels_last):
         model = model.to(memory_format=torch.channels_last)

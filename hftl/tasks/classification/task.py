@@ -36,7 +36,8 @@ from hftl.toolkit import (
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "category", "target", "fine_label", "coarse_label")
 
 # LoRA targets: attention projections for transformers (names differ across transformers versions), the wide
-# convolutions for CNNs. Only the names a model actually has are used.
+# convolutions for CNNs. A name is used only where every module it matches is a plain Linear/Conv2d outside the
+# head; with none, targets are derived from module types (hftl/lora.py).
 ATTENTION_TARGETS = ["q_proj", "v_proj", "query", "value", "qkv"]
 LORA_TARGETS = {
     "convnext": ["pwconv1", "pwconv2"],
@@ -146,7 +147,26 @@ class ClassificationTask(Task):
         return model, processor
 
     def head_modules(self, model) -> list[str]:
+        """Every classifier the logits come from: timm's `pretrained_cfg["classifier"]` names them (LeViT's
+        `head` and `head_dist`, averaged at eval); for transformers, each layer to `num_labels` outputs outside the
+        base model (LeViT's `classifier` and `classifier_distill`); else the last such layer."""
         base = peft_base(model)
+        if hasattr(base, "timm_model"):
+            named = (getattr(base.timm_model, "pretrained_cfg", None) or {}).get("classifier")
+            named = [named] if isinstance(named, str) else list(named or [])
+            present = [f"timm_model.{n}" for n in named if _has_module(base, f"timm_model.{n}")]
+            if present:
+                return present
+        else:
+            body = getattr(base, base.base_model_prefix, None)
+            inside = {id(m) for m in body.modules()} if body is not None else set()
+            heads = [
+                name
+                for name, module in base.named_modules()
+                if id(module) not in inside and _is_classifier(module, base.config.num_labels)
+            ]
+            if heads:
+                return heads
         return [last_linear_named(base, base.config.num_labels)]
 
     def backbone(self, model):
@@ -154,15 +174,12 @@ class ClassificationTask(Task):
         return getattr(base, base.base_model_prefix, None) or base.timm_model
 
     def lora_targets(self, model) -> list[str]:
+        from hftl.lora import derive_targets, usable_preset
+
         base = peft_base(model)
-        present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-        targets = [t for t in LORA_TARGETS.get(base.config.model_type, ATTENTION_TARGETS) if t in present]
-        if not targets:
-            raise ValueError(
-                f"No default LoRA targets for model type {base.config.model_type!r}; pass --lora_target_modules "
-                "(module names from model.named_modules(), e.g. q_proj,v_proj)."
-            )
-        return targets
+        heads = self.head_modules(base)
+        preset = LORA_TARGETS.get(base.config.model_type, ATTENTION_TARGETS)
+        return usable_preset(base, preset, heads) or derive_targets(base, heads)
 
     # ---- preprocessing ----------------------------------------------------------------------------------------
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
@@ -350,6 +367,22 @@ def _drop_path_kwargs(model_args) -> dict:
 
     path = resolve_model_path(model_args.model, model_args.revision)
     return drop_path_kwargs(AutoConfig.from_pretrained(path, revision=model_args.revision), rate)
+
+
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _is_classifier(module, num_labels: int) -> bool:
+    from torch import nn
+
+    if isinstance(module, nn.Linear):
+        return module.out_features == num_labels
+    return isinstance(module, nn.Conv2d) and module.out_channels == num_labels and module.kernel_size == (1, 1)
 
 
 def _detect(features, is_kind, names, what: str, option: str) -> str:

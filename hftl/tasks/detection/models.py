@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from hftl.modeling import copy_timm_weights
-
 # Small enough to train on a CPU in minutes, big enough for a handful of classes and objects per image.
 DETECTOR_SIZE = {
     "d_model": 128,
@@ -52,8 +50,9 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         ConditionalDetrConfig,
         ConditionalDetrForObjectDetection,
         ConditionalDetrImageProcessor,
-        TimmWrapperForImageClassification,
     )
+
+    from hftl.modeling import load_backbone_weights, timm_features_state
 
     id2label = {int(k): v for k, v in id2label.items()}
     config = ConditionalDetrConfig(
@@ -63,14 +62,10 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         label2id={v: k for k, v in id2label.items()},
         **DETECTOR_SIZE,
     )
+    state = timm_features_state(path, timm_config, config.backbone_config.out_indices)  # refuses model_args first
     model = ConditionalDetrForObjectDetection(config)
-    classifier = TimmWrapperForImageClassification.from_pretrained(path)
-    copy_timm_weights(
-        model.model.backbone.model,
-        classifier.timm_model.state_dict(),
-        "The timm checkpoint does not cover these backbone tensors",
-        ignore=lambda name: name.endswith("num_batches_tracked"),
-    )
+    load_backbone_weights(model.model.backbone.model, state)
+    model.hftl_converted = True  # no hub holds this detector: see hftl.runner.save_model
     cfg = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     side = image_size or DEFAULT_IMAGE_SIZE
     processor = ConditionalDetrImageProcessor(

@@ -33,6 +33,7 @@ register_dataset(SHAPES_DATASET, "hftl.tasks.detection.data:load_shapes_detectio
 
 # LoRA targets: the first tier whose names exist outside the heads wins. Attention projections in DETR,
 # Conditional DETR, RT-DETR (q/v_proj); YOLOS (ViT query/value); Deformable attention's value/output projections.
+# With none, targets are derived from module types (hftl/lora.py).
 LORA_TIERS = (("q_proj", "v_proj"), ("query", "value"), ("value_proj", "output_proj"), ("qkv",))
 
 
@@ -123,40 +124,34 @@ class DetectionTask(Task):
         return getattr(inner, "backbone", None) or inner  # YOLOS: the whole ViT is the backbone
 
     def head_modules(self, model) -> list[str]:
-        """Class and box heads: every top-level part besides the base model (DETR, Conditional/Deformable DETR,
-        YOLOS), or RT-DETR's heads inside it."""
+        """Class and box heads, found from the model's structure: every top-level part besides the base model
+        (DETR, Conditional/Deformable/DAB-DETR, YOLOS, D-FINE), plus the label-sized predictors inside it
+        (RT-DETR / D-FINE's per-decoder-layer `class_embed`, `enc_score_head`, `denoising_class_embed`) and the
+        box predictors laid out like them. A head shared under two names is listed once."""
         base = peft_base(model)
         inner = getattr(base, base.base_model_prefix)
-        heads = [name for name, child in base.named_children() if child is not inner and _has_parameters(child)]
-        if not heads or base.config.model_type.startswith("rt_detr"):
-            heads += [
-                f"{base.base_model_prefix}.{name}"
-                for name, child in inner.named_children()
-                if name.startswith(("enc_score_head", "enc_bbox_head", "denoising_class_embed"))
-                and _has_parameters(child)
-            ]
-            decoder = getattr(inner, "decoder", None)
-            for name in ("class_embed", "bbox_embed"):
-                if decoder is not None and getattr(decoder, name, None) is not None:
-                    heads.append(f"{base.base_model_prefix}.decoder.{name}")
-        return sorted(set(heads))
+        # inner predictors first: where a top-level head is an alias of one the decoder uses (D-FINE ties its
+        # class_embed / bbox_embed to model.decoder.*), the one the forward pass runs is the one to train and wrap
+        heads = [f"{base.base_model_prefix}.{name}" for name in predictor_modules(inner, base.config)]
+        heads += [name for name, child in base.named_children() if child is not inner and _has_parameters(child)]
+        seen, unique = set(), []
+        for name in heads:
+            params = frozenset(id(p) for p in base.get_submodule(name).parameters())
+            if params not in seen and not any(name.startswith(h + ".") for h in unique):
+                seen.add(params)
+                unique.append(name)
+        return sorted(unique)
 
     def lora_targets(self, model) -> list[str]:
+        from hftl.lora import derive_targets, usable_preset
+
         base = peft_base(model)
         heads = self.head_modules(base)
-        body = {
-            name.rsplit(".", 1)[-1]
-            for name, module in base.named_modules()
-            if isinstance(module, torch.nn.Linear) and not any(name == h or name.startswith(h + ".") for h in heads)
-        }
         for tier in LORA_TIERS:
-            found = [name for name in tier if name in body]
+            found = usable_preset(base, tier, heads)
             if found:
                 return found
-        raise ValueError(
-            f"No default LoRA targets for {type(base).__name__}; pass --lora_target_modules with attention module "
-            "names from model.named_modules() (e.g. q_proj,v_proj)."
-        )
+        return derive_targets(base, heads)
 
     # ---- preprocessing ----------------------------------------------------------------------------------------
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
@@ -300,6 +295,54 @@ def apply_box_augmentation(augment, image, boxes: np.ndarray, classes: np.ndarra
 
 def _has_parameters(module: torch.nn.Module) -> bool:
     return next(module.parameters(), None) is not None
+
+
+def predictor_modules(root: torch.nn.Module, config) -> list[str]:
+    """Label-sized predictors under `root` (Linear to `num_labels` outputs, the denoising label Embedding with
+    `num_labels + 1` rows) outside its backbone, each taken whole with its ModuleList when it is one per decoder
+    layer; then the box predictors laid out the same way beside them (an all-Linear MLP, or a ModuleList of them
+    of the same length, whose output is a multiple of 4)."""
+    nn = torch.nn
+    num_labels = config.num_labels
+    width = getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
+    backbone = getattr(root, "backbone", None)
+    skip = {id(m) for m in backbone.modules()} if backbone is not None else set()
+    modules = dict(root.named_modules())
+    units: list[str] = []
+    for name, module in modules.items():
+        if id(module) in skip or not name:
+            continue
+        is_label = (
+            isinstance(module, nn.Linear)
+            and module.out_features == num_labels
+            and module.in_features != module.out_features
+            and module.out_features != width
+        ) or (isinstance(module, nn.Embedding) and module.num_embeddings in (num_labels, num_labels + 1))
+        if not is_label:
+            continue
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        unit = parent if isinstance(modules.get(parent), nn.ModuleList) else name
+        if unit not in units:
+            units.append(unit)
+    for unit in list(units):
+        parent_name = unit.rsplit(".", 1)[0] if "." in unit else ""
+        parent, like = modules[parent_name], modules[unit]
+        for child_name, child in parent.named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if full in units or id(child) in skip:
+                continue
+            if isinstance(like, nn.ModuleList):
+                fits = isinstance(child, nn.ModuleList) and len(child) == len(like) and all(map(_box_mlp, child))
+            else:
+                fits = not isinstance(child, nn.ModuleList) and _box_mlp(child)
+            if fits:
+                units.append(full)
+    return units
+
+
+def _box_mlp(module: torch.nn.Module) -> bool:
+    layers = [m for m in module.modules() if _has_parameters(m) and not any(True for _ in m.children())]
+    return bool(layers) and all(isinstance(m, torch.nn.Linear) for m in layers) and layers[-1].out_features % 4 == 0
 
 
 TASK = DetectionTask

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from hftl.modeling import copy_timm_weights
-
 
 def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, ignore_index: int):
     """`path` holds a `TimmWrapperForImageClassification` (e.g. the bundled hftl/efficientnet-lite0)."""
     from transformers import (
         SegformerImageProcessor,
         TimmBackboneConfig,
-        TimmWrapperForImageClassification,
         UperNetConfig,
         UperNetForSemanticSegmentation,
     )
+
+    from hftl.modeling import load_backbone_weights, timm_features_state
 
     architecture = timm_config.architecture
     id2label = {int(k): v for k, v in id2label.items()}
@@ -35,13 +34,10 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
         label2id={v: k for k, v in id2label.items()},
         loss_ignore_index=ignore_index,
     )
+    state = timm_features_state(path, timm_config, levels)  # refuses model_args first
     model = UperNetForSemanticSegmentation(config)
-    classifier = TimmWrapperForImageClassification.from_pretrained(path)
-    copy_timm_weights(
-        model.backbone._backbone,
-        classifier.timm_model.state_dict(),
-        f"Could not copy {architecture} weights into the UperNet encoder; unmatched",
-    )
+    load_backbone_weights(model.backbone._backbone, state)
+    model.hftl_converted = True  # no hub holds this UperNet: see hftl.runner.save_model
     pretrained = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     size = int((pretrained.get("input_size") or [3, 224, 224])[-1])
     processor = SegformerImageProcessor(

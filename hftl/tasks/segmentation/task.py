@@ -32,7 +32,8 @@ KNOWN_DATASETS = {
     "zhoubolei/scene_parse_150": {"id2label": "huggingface/label-files:ade20k-id2label.json", "reduce_labels": True},
 }
 # LoRA targets are picked from these suffixes (first tier found in the encoder wins): attention projections for
-# transformers, pointwise/bottleneck convolutions for CNNs. Only names absent from the decode head qualify.
+# transformers, pointwise/bottleneck convolutions for CNNs. A name qualifies only where every module it matches is
+# a plain Linear/Conv2d outside the heads; with none, targets are derived from module types (hftl/lora.py).
 LORA_TIERS = (
     ("q_proj", "v_proj"),
     ("query", "value"),
@@ -174,19 +175,15 @@ class SegmentationTask(Task):
         ]
 
     def lora_targets(self, model) -> list[str]:
+        from hftl.lora import derive_targets, usable_preset
+
         base = peft_base(model)
-        encoder_names = {n.rsplit(".", 1)[-1] for n, _ in self.backbone(base).named_modules()}
-        head_names = {
-            n.rsplit(".", 1)[-1] for head in self.head_modules(base) for n, _ in getattr(base, head).named_modules()
-        }
+        heads = self.head_modules(base)
         for tier in LORA_TIERS:
-            found = [name for name in tier if name in encoder_names and name not in head_names]
+            found = usable_preset(base, tier, heads)
             if found:
                 return found
-        raise ValueError(
-            f"No default LoRA targets for {type(base).__name__}; pass --lora_target_modules with encoder module "
-            "names from model.named_modules() (e.g. query,value)."
-        )
+        return derive_targets(base, heads, body=self.backbone(base))
 
     # ---- preprocessing ----------------------------------------------------------------------------------------
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
