@@ -20,6 +20,7 @@ from datasets import DatasetDict
 from PIL import Image
 
 from hftl.config import DataArgs, ModelArgs
+from hftl.data import add_row_numbers
 from hftl.tasks import mask_classification as mc
 from hftl.tasks.instance_segmentation import data as isd
 from hftl.tasks.instance_segmentation.eval import InstanceEvaluator
@@ -301,7 +302,7 @@ def _test_split_metrics(model, processor, rows: int = 9) -> dict:
     dsd = isd.load_shapes_instances()
     dsd = DatasetDict({"test": dsd["test"].select(range(rows))})
     task.label_names(dsd.copy() | {"train": dsd["test"]}, data_args)
-    prepared = task.prepare(isd.add_row_numbers(dsd), processor, data_args)
+    prepared = task.prepare(add_row_numbers(dsd), processor, data_args)
     loader = make_loader(prepared["test"], task.collate, 4, False, 0, 0)
     metrics, _ = evaluate(task, model.eval(), loader, Accelerator(cpu=True), ID2LABEL)
     return metrics

@@ -29,7 +29,6 @@ OBJECTS_COLUMN_NAMES = ("objects", "annotations", "segments")
 ANNOTATION_COLUMN_NAMES = ("annotation", "instance_mask", "label", "mask")
 SEGMENTATION_KEYS = ("segmentation", "segmentations", "mask", "masks")
 CATEGORY_KEYS = ("category", "category_id", "categories", "label", "labels", "class")
-ROW_COLUMN = "hftl_row"  # original row number, so errors raised inside transforms name the row
 EAGER_CHECK_ROWS = 500  # rows per split decoded and checked before training; the rest as they load
 
 SHAPES_DATASET = "hftl/shapes-instances"
@@ -200,15 +199,6 @@ def check_split(ds: Dataset, split: str, image_column: str, label_column: str, l
         masks, _, _ = decode_instances(row, row[image_column].size, label_column, layout, num_labels, where)
         empty += len(masks) == 0
     return empty
-
-
-def add_row_numbers(dsd: DatasetDict) -> DatasetDict:
-    return DatasetDict(
-        {
-            split: ds if ROW_COLUMN in ds.column_names else ds.add_column(ROW_COLUMN, list(range(len(ds))))
-            for split, ds in dsd.items()
-        }
-    )
 
 
 # ---- local COCO folders ------------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ import torch
 from datasets import DatasetDict
 
 from hftl.bundled import register_dataset
+from hftl.data import ROW_COLUMN, add_row_numbers
 from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std
 from hftl.tasks import mask_classification as mc
+from hftl.tasks.base import Task
 from hftl.tasks.instance_segmentation import data as isd
 from hftl.tasks.instance_segmentation.eval import InstanceEvaluator
 
@@ -26,7 +28,7 @@ register_dataset(isd.SHAPES_DATASET, "hftl.tasks.instance_segmentation.data:load
 KNOWN_NAMES = {isd.SHAPES_DATASET: isd.shapes_class_names()}
 
 
-class InstanceSegmentationTask:
+class InstanceSegmentationTask(Task):
     name = "instance-segmentation"
     pipeline_tag = "image-segmentation"
     subtask = "instance"
@@ -70,7 +72,7 @@ class InstanceSegmentationTask:
         return names
 
     def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:
-        return isd.add_row_numbers(dsd)  # rows keep their number through subsampling, for errors in transforms
+        return add_row_numbers(dsd)  # rows keep their number through subsampling, for errors in transforms
 
     # ---- model ------------------------------------------------------------------------------------------------
     def load_model(self, model_args, id2label: dict):
@@ -131,10 +133,10 @@ class InstanceSegmentationTask:
             keys = list(batch)
             for i in range(len(batch[image_col])):
                 row = {k: batch[k][i] for k in keys}
-                where = f"{split} split, row {row.get(isd.ROW_COLUMN)}"
+                where = f"{split} split, row {row.get(ROW_COLUMN)}"
                 image = ensure_rgb(row[image_col])
                 masks, classes, crowd = isd.decode_instances(row, image.size, label_col, layout, num_labels, where)
-                yield image, masks, classes, crowd, int(row.get(isd.ROW_COLUMN) or 0)
+                yield image, masks, classes, crowd, int(row.get(ROW_COLUMN) or 0)
 
         def train_batch(batch):
             out = {"pixel_values": [], "mask_labels": [], "class_labels": []}
