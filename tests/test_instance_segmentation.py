@@ -1,8 +1,8 @@
 """Instance segmentation (`recipes/segment.py --subtask instance`) and Mask2Former for semantic segmentation.
 
-Models: a Mask2Former built from config around timm's `test_efficientnet` (random) or the bundled ImageNet
-EfficientNet-Lite0; data: the bundled `hftl/shapes-instances` set (same-class shapes touch and overlap) and small
-COCO folders written here.
+Models: a Mask2Former built from config around timm's `test_efficientnet` (random; tests/fixtures/models.py) or the
+bundled ImageNet EfficientNet-Lite0; data: the bundled `hftl/shapes-instances` set (same-class shapes touch and
+overlap) and small COCO folders written here.
 """
 
 from __future__ import annotations
@@ -40,19 +40,6 @@ class _Config:  # the task reads only the data options here
 def _task(**data) -> tuple[InstanceSegmentationTask, DataArgs]:
     data_args = DataArgs(dataset=data.pop("dataset", isd.SHAPES_DATASET), subtask="instance", **data)
     return InstanceSegmentationTask(_Config(data_args)), data_args
-
-
-@pytest.fixture(scope="session")
-def tiny_timm_effnet_dir(tmp_path_factory) -> Path:
-    """timm `test_efficientnet` classifier (strides 2..32): the backbone the task puts inside a new Mask2Former."""
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-timm-effnet-m2f")
-    pretrained_cfg = {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
-    config = TimmWrapperConfig(architecture="test_efficientnet", pretrained_cfg=pretrained_cfg, num_labels=2)
-    TimmWrapperForImageClassification(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -221,12 +208,12 @@ def test_perfect_prediction_scores_map_1(tmp_path, shapes):
 
 
 # ---- models ------------------------------------------------------------------------------------------------------
-def test_mask2former_around_timm_backbone(tiny_timm_effnet_dir):
+def test_mask2former_around_timm_backbone(tiny_timm_efficientnet_dir):
     from transformers import TimmWrapperForImageClassification
 
     task, _ = _task(image_size=SIZE)
-    model, processor = task.load_model(ModelArgs(model=str(tiny_timm_effnet_dir)), ID2LABEL)
-    classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_effnet_dir).timm_model.state_dict()
+    model, processor = task.load_model(ModelArgs(model=str(tiny_timm_efficientnet_dir)), ID2LABEL)
+    classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_efficientnet_dir).timm_model.state_dict()
     for name, tensor in mc.backbone(model)._backbone.state_dict().items():
         if not name.endswith("num_batches_tracked"):
             assert torch.equal(tensor, classifier[name.replace("blocks_", "blocks.", 1)]), name
@@ -243,7 +230,7 @@ def test_mask2former_around_timm_backbone(tiny_timm_effnet_dir):
         and model.config.backbone_config.use_pretrained_backbone is False
     )
     with pytest.raises(ValueError, match="multiple of 32"):
-        _task(image_size=48)[0].load_model(ModelArgs(model=str(tiny_timm_effnet_dir)), ID2LABEL)
+        _task(image_size=48)[0].load_model(ModelArgs(model=str(tiny_timm_efficientnet_dir)), ID2LABEL)
 
 
 def test_maskformer_with_swin_backbone_parts():
@@ -367,17 +354,17 @@ def test_training_learns_and_pipeline_names_labels(effnet_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_frozen_backbone_is_bit_identical(tiny_timm_effnet_dir, tmp_path):
+def test_frozen_backbone_is_bit_identical(tiny_timm_efficientnet_dir, tmp_path):
     from transformers import AutoModelForUniversalSegmentation, TimmWrapperForImageClassification
 
     from hftl.runner import run
 
     out = tmp_path / "out"
     results = run(
-        "segmentation", _argv(out, tiny_timm_effnet_dir, "--strategy", "frozen-backbone", "--max_steps", "2")
+        "segmentation", _argv(out, tiny_timm_efficientnet_dir, "--strategy", "frozen-backbone", "--max_steps", "2")
     )
     assert results["trainable_parameters"] < results["total_parameters"]
-    classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_effnet_dir).timm_model.state_dict()
+    classifier = TimmWrapperForImageClassification.from_pretrained(tiny_timm_efficientnet_dir).timm_model.state_dict()
     trained = AutoModelForUniversalSegmentation.from_pretrained(out)
     for name, tensor in mc.backbone(trained)._backbone.state_dict().items():
         if not name.endswith("num_batches_tracked"):
@@ -385,21 +372,21 @@ def test_frozen_backbone_is_bit_identical(tiny_timm_effnet_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_adapter_equals_merged(tiny_timm_effnet_dir, tmp_path):
+def test_lora_adapter_equals_merged(tiny_timm_efficientnet_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForUniversalSegmentation
 
     from hftl.runner import run
 
     out = tmp_path / "out"
-    results = run("segmentation", _argv(out, tiny_timm_effnet_dir, "--strategy", "lora", "--max_steps", "2"))
+    results = run("segmentation", _argv(out, tiny_timm_efficientnet_dir, "--strategy", "lora", "--max_steps", "2"))
     assert results["trainable_parameters"] < results["total_parameters"]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert all(t.startswith("model.pixel_level_module.encoder.") for t in adapter["target_modules"])
     # the adapter's base is the model hftl built (a new Mask2Former around the timm weights): rebuild it the same way
     torch.manual_seed(42)
     task, _ = _task(image_size=SIZE)
-    base, _ = task.load_model(ModelArgs(model=str(tiny_timm_effnet_dir)), ID2LABEL)
+    base, _ = task.load_model(ModelArgs(model=str(tiny_timm_efficientnet_dir)), ID2LABEL)
     with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
     merged = AutoModelForUniversalSegmentation.from_pretrained(out).eval()
     pixels = torch.randn(2, 3, SIZE, SIZE)
@@ -410,7 +397,7 @@ def test_lora_adapter_equals_merged(tiny_timm_effnet_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_run_counts_each_test_image_once(tiny_timm_effnet_dir, tmp_path):
+def test_two_rank_run_counts_each_test_image_once(tiny_timm_efficientnet_dir, tmp_path):
     """9 test images over 2 ranks × batch 4: Accelerate repeats images to even out the ranks, and the metrics must
     drop them; the 2-rank test mAP equals a single-process evaluation of the saved model."""
     from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
@@ -419,7 +406,7 @@ def test_two_rank_run_counts_each_test_image_once(tiny_timm_effnet_dir, tmp_path
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "segment.py"),
-        *_argv(out, tiny_timm_effnet_dir, "--max_steps", "1"),
+        *_argv(out, tiny_timm_efficientnet_dir, "--max_steps", "1"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -433,7 +420,7 @@ def test_two_rank_run_counts_each_test_image_once(tiny_timm_effnet_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_mask2former_semantic_segmentation(tiny_timm_effnet_dir, tmp_path):
+def test_mask2former_semantic_segmentation(tiny_timm_efficientnet_dir, tmp_path):
     """A Mask2Former checkpoint trains for semantic maps with its own loss; metrics and pipeline(subtask=semantic)
     use the semantic post-processing."""
     from transformers import pipeline
@@ -442,7 +429,7 @@ def test_mask2former_semantic_segmentation(tiny_timm_effnet_dir, tmp_path):
 
     checkpoint = tmp_path / "m2f"
     model, processor = mc.mask2former_from_timm(
-        str(tiny_timm_effnet_dir), _timm_config(tiny_timm_effnet_dir), {0: "a", 1: "b"}, SIZE
+        str(tiny_timm_efficientnet_dir), _timm_config(tiny_timm_efficientnet_dir), {0: "a", 1: "b"}, SIZE
     )
     model.save_pretrained(checkpoint)
     processor.save_pretrained(checkpoint)

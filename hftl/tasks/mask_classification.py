@@ -61,7 +61,7 @@ def mask2former_from_timm(path: str, timm_config, id2label: dict, image_size: in
         TimmWrapperForImageClassification,
     )
 
-    from hftl.tasks.detection.models import load_backbone_weights
+    from hftl.modeling import copy_timm_weights
 
     architecture = timm_config.architecture
     id2label = {int(k): v for k, v in id2label.items()}
@@ -74,7 +74,12 @@ def mask2former_from_timm(path: str, timm_config, id2label: dict, image_size: in
     )
     model = Mask2FormerForUniversalSegmentation(config)
     classifier = TimmWrapperForImageClassification.from_pretrained(path)
-    load_backbone_weights(backbone(model)._backbone, classifier.timm_model.state_dict())
+    copy_timm_weights(
+        backbone(model)._backbone,
+        classifier.timm_model.state_dict(),
+        "The timm checkpoint does not cover these Mask2Former backbone tensors",
+        ignore=lambda name: name.endswith("num_batches_tracked"),
+    )
     cfg = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     side = image_size or DEFAULT_IMAGE_SIZE
     processor = Mask2FormerImageProcessor(
