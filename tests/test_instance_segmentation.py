@@ -23,6 +23,7 @@ from hftl.config import DataArgs, ModelArgs
 from hftl.data import add_row_numbers
 from hftl.tasks import mask_classification as mc
 from hftl.tasks.instance_segmentation import data as isd
+from hftl.tasks.instance_segmentation.args import InstanceSegmentationArgs
 from hftl.tasks.instance_segmentation.eval import InstanceEvaluator
 from hftl.tasks.instance_segmentation.task import InstanceSegmentationTask
 
@@ -32,14 +33,15 @@ ID2LABEL = dict(enumerate(NAMES))
 SIZE = 64
 
 
-class _Config:  # the task reads only the data options here
-    def __init__(self, data):
+class _Config:  # the task reads only the data options and its own here
+    def __init__(self, data, task):
         self.data = data
+        self.task = task
 
 
-def _task(**data) -> tuple[InstanceSegmentationTask, DataArgs]:
-    data_args = DataArgs(dataset=data.pop("dataset", isd.SHAPES_DATASET), subtask="instance", **data)
-    return InstanceSegmentationTask(_Config(data_args)), data_args
+def _task(id2label: str | None = None, **data) -> tuple[InstanceSegmentationTask, DataArgs]:
+    data_args = DataArgs(dataset=data.pop("dataset", isd.SHAPES_DATASET), **data)
+    return InstanceSegmentationTask(_Config(data_args, InstanceSegmentationArgs(id2label=id2label))), data_args
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std
 from hftl.tasks import mask_classification as mc
 from hftl.tasks.base import Task
 from hftl.tasks.instance_segmentation import data as isd
+from hftl.tasks.instance_segmentation.args import InstanceSegmentationArgs
 from hftl.tasks.instance_segmentation.eval import InstanceEvaluator
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ class InstanceSegmentationTask(Task):
     main_metric = "map_50"
     greater_is_better = True
 
+    args = InstanceSegmentationArgs
+
     def __init__(self, config=None):
-        self.config = config
+        super().__init__(config)
         self.image_column = None
         self.annotation_column = None
         self.layout = None
@@ -57,10 +60,10 @@ class InstanceSegmentationTask(Task):
             features, data_args.image_column, data_args.label_column
         )
         given = None
-        if data_args.id2label:
+        if self.options.id2label:
             from hftl.tasks.segmentation.data import read_label_file
 
-            given = read_label_file(data_args.id2label)
+            given = read_label_file(self.options.id2label)
         names = isd.category_names(
             features, self.annotation_column, self.layout, dsd, given or KNOWN_NAMES.get(data_args.dataset)
         )
