@@ -150,6 +150,8 @@ def predict(
     if pipe.task == "image-classification":
         top_k = min(top_k, len(pipe.model.config.id2label))
         outputs = pipe(images, top_k=top_k)
+    elif getattr(pipe.model.config, "hftl_subtask", None):  # Mask2Former/MaskFormer: instance or semantic
+        outputs = pipe(images, subtask=pipe.model.config.hftl_subtask)
     else:
         outputs = pipe(images)
     single = len(images) == 1 and isinstance(outputs, list) and outputs and isinstance(outputs[0], dict)

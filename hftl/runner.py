@@ -215,7 +215,7 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
     accelerator.print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))
 
     results = {
-        "task": task_name,
+        "task": task.name,
         "pipeline_tag": task.pipeline_tag,
         "model": config.model.model,
         "dataset": config.data.dataset,

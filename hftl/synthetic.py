@@ -39,10 +39,14 @@ def make_shapes(
     empty_fraction: float = 0.0,
     radius_range: tuple[float, float] = (0.1, 0.22),
     noise_std: float = 12.0,
+    overlap: float = 0.0,
 ) -> list[ShapeSample]:
     """`n` samples of 1..`max_shapes` non-overlapping shapes (a fraction `empty_fraction` has none: negatives).
 
     `classes` may be any subset/order of "circle", "square", "triangle", "pentagon", "hexagon", "star".
+    `overlap` > 0 (instance segmentation): about half the shapes are placed touching or overlapping an earlier one
+    of the same class, by up to this fraction of their radii summed; later shapes occlude earlier ones, and every
+    instance mask, box and the class mask hold only visible pixels.
     """
     unknown = [c for c in classes if c not in _CORNERS]
     if unknown:
@@ -51,7 +55,7 @@ def make_shapes(
     samples = []
     for _ in range(n):
         count = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_shapes + 1))
-        samples.append(_one_sample(rng, image_size, tuple(classes), count, radius_range, noise_std))
+        samples.append(_one_sample(rng, image_size, tuple(classes), count, radius_range, noise_std, overlap))
     return samples
 
 
@@ -59,21 +63,33 @@ def make_shapes(
 _CORNERS = {"circle": 0, "square": 4, "triangle": 3, "pentagon": 5, "hexagon": 6, "star": -5}
 
 
-def _one_sample(rng, size: int, classes: tuple, count: int, radius_range, noise_std: float) -> ShapeSample:
+def _one_sample(
+    rng, size: int, classes: tuple, count: int, radius_range, noise_std: float, overlap: float = 0.0
+) -> ShapeSample:
     image = _background(rng, size)
     draw = ImageDraw.Draw(image)
     placed: list[tuple[float, float, float]] = []  # (cx, cy, r): keeps shapes apart so every box is whole
     masks, labels = [], []
+    placed_labels: list[int] = []
     for _ in range(count):
         label = int(rng.integers(0, len(classes)))
-        for _attempt in range(20):
-            radius = rng.uniform(*radius_range) * size
-            cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
-            if all(np.hypot(cx - x, cy - y) > radius + r + 2 for x, y, r in placed):
-                break
+        neighbour = int(rng.integers(0, len(placed))) if overlap > 0 and placed and rng.random() < 0.5 else None
+        if neighbour is not None:
+            label = placed_labels[neighbour]
+            spot = _next_to(rng, size, placed[neighbour], radius_range, overlap)
+            if spot is None:
+                continue
+            cx, cy, radius = spot
         else:
-            continue  # no room left: fewer shapes in this image
+            for _attempt in range(20):
+                radius = rng.uniform(*radius_range) * size
+                cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
+                if all(np.hypot(cx - x, cy - y) > radius + r + 2 for x, y, r in placed):
+                    break
+            else:
+                continue  # no room left: fewer shapes in this image
         placed.append((cx, cy, radius))
+        placed_labels.append(label)
         instance = Image.new("L", (size, size), 0)
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         _draw_shape(ImageDraw.Draw(instance), classes[label], cx, cy, radius, rng, 255)
@@ -81,8 +97,11 @@ def _one_sample(rng, size: int, classes: tuple, count: int, radius_range, noise_
         if not pixels.any():
             continue
         draw.bitmap((0, 0), instance, fill=colour)
+        masks = [earlier & ~pixels for earlier in masks]  # occluded by the new shape
         masks.append(pixels)
         labels.append(label)
+    visible = [i for i, m in enumerate(masks) if m.any()]
+    masks, labels = [masks[i] for i in visible], [labels[i] for i in visible]
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, noise_std, (size, size, 3))
     image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     instance_masks = np.stack(masks) if masks else np.zeros((0, size, size), bool)
@@ -97,6 +116,19 @@ def _one_sample(rng, size: int, classes: tuple, count: int, radius_range, noise_
         mask=semantic,
         classes=classes,
     )
+
+
+def _next_to(rng, size: int, other: tuple, radius_range, overlap: float):
+    """A (cx, cy, radius) inside the image whose shape touches or overlaps the shape `other` (cx, cy, r)."""
+    x, y, r = other
+    for _attempt in range(20):
+        radius = rng.uniform(*radius_range) * size
+        distance = (radius + r) * rng.uniform(1 - overlap, 1.0)
+        angle = rng.uniform(0, 2 * np.pi)
+        cx, cy = x + distance * np.cos(angle), y + distance * np.sin(angle)
+        if radius + 1 < cx < size - radius - 1 and radius + 1 < cy < size - radius - 1:
+            return cx, cy, radius
+    return None
 
 
 def _tight_box(pixels: np.ndarray) -> list[float]:

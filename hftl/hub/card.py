@@ -61,11 +61,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _how_to_use(repo_id: str, pipeline_tag: str, adapter_only: bool, base_model: str | None) -> str:
+def _how_to_use(
+    repo_id: str, pipeline_tag: str, adapter_only: bool, base_model: str | None, subtask: str | None = None
+) -> str:
     if not adapter_only:
+        extra = f', subtask="{subtask}"' if subtask else ""  # Mask2Former/MaskFormer serve several subtasks
         return (
             "```python\nfrom transformers import pipeline\n\n"
-            f'predict = pipeline("{pipeline_tag}", model="{repo_id}")\n'
+            f'predict = pipeline("{pipeline_tag}", model="{repo_id}"{extra})\n'
             'print(predict("image.jpg"))\n```\n\n'
             f"Or from the command line: `hftl predict --model {repo_id} image.jpg`."
         )
@@ -86,6 +89,10 @@ def _how_to_use(repo_id: str, pipeline_tag: str, adapter_only: bool, base_model:
         'print(predict("image.jpg"))\n```\n\n'
         f"Or from the command line: `hftl predict --model {repo_id} image.jpg`."
     )
+
+
+def _subtask(results: dict) -> str | None:
+    return "instance" if results.get("task") == "instance-segmentation" else None
 
 
 def _strategy_line(results: dict) -> str:
@@ -204,7 +211,8 @@ def _body(results: dict, repo_id: str, adapter_only: bool, images, base_model: s
     for image in images:
         title = PurePath(image).stem.replace("_", " ").capitalize()
         lines += ["", f"### {title}", "", f"![{title}]({image})"]
-    lines += ["", "## How to use", "", _how_to_use(repo_id, pipeline_tag, adapter_only, base_model), ""]
+    usage = _how_to_use(repo_id, pipeline_tag, adapter_only, base_model, _subtask(results))
+    lines += ["", "## How to use", "", usage, ""]
     lines += [
         "## Training",
         "",

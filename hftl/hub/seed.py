@@ -15,8 +15,12 @@ import importlib
 import tempfile
 from pathlib import Path
 
-# modules that register more bundled datasets when imported (detection / segmentation shapes)
-_DATASET_MODULES = ("hftl.tasks.detection.task", "hftl.tasks.segmentation.task")
+# modules that register more bundled datasets when imported (detection / segmentation / instance shapes)
+_DATASET_MODULES = (
+    "hftl.tasks.detection.task",
+    "hftl.tasks.segmentation.task",
+    "hftl.tasks.instance_segmentation.task",
+)
 
 
 def bundled_dataset_names() -> list[str]:

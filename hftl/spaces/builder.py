@@ -139,7 +139,10 @@ def _load_adapter(model: str, task: str, token=None):
         id2label = {int(k): v for k, v in labels["id2label"].items()}
         kwargs = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}, "num_labels": len(id2label)}
         kwargs["ignore_mismatched_sizes"] = True  # the adapter's saved head replaces the base's
-    if task == "image-segmentation" and "Semantic" not in str(AutoConfig.from_pretrained(base).architectures):
+    architectures = str(AutoConfig.from_pretrained(base).architectures)
+    if task == "image-segmentation" and "Universal" in architectures:
+        from transformers import AutoModelForUniversalSegmentation as auto_class
+    elif task == "image-segmentation" and "Semantic" not in architectures:
         auto_class = AutoModelForImageSegmentation
     base_model = auto_class.from_pretrained(base, token=token, **kwargs)
     try:
@@ -304,6 +307,8 @@ class Predictor:
     def __init__(self, pipe, task: str, top_k: int = 5):
         self.pipe, self.task = pipe, task
         self.top_k = min(top_k, len(pipe.model.config.id2label))
+        # hftl writes "instance" or "semantic" for mask-classification models, which could serve either
+        self.subtask = getattr(pipe.model.config, "hftl_subtask", None)
 
     def _infer(self, images: list, **kwargs) -> tuple[list, list]:
         prepared = prepare_batch(images)
@@ -327,12 +332,23 @@ class Predictor:
         return drawn, found, notes
 
     def segment(self, images: list) -> tuple[list, list]:
-        prepared, outputs = self._infer(images)
+        prepared, outputs = self._infer(images, **({"subtask": self.subtask} if self.subtask else {}))
         overlays = [
             output and (p.image, [(_mask_array(s["mask"]), s["label"]) for s in output])
             for p, output in zip(prepared, outputs)
         ]
         return overlays, [_notes(p) for p in prepared]
+
+    def segment_instances(self, images: list, thresholds: list) -> tuple[list, list]:
+        """Each instance in its own colour, named by its label and score; the slider sets the score floor."""
+        prepared, outputs = self._infer(images, subtask="instance", threshold=min(thresholds))
+        overlays, notes = [], []
+        for p, output, threshold in zip(prepared, outputs, thresholds):
+            kept = [o for o in output or [] if o["score"] >= threshold]
+            shown = [(_mask_array(o["mask"]), f"{o['label']} {o['score']:.2f}") for o in kept]
+            overlays.append(None if output is None else (p.image, shown))
+            notes.append(_notes(p, "" if kept or output is None else f"No instances scored {threshold:.2f} or more."))
+        return overlays, notes
 
 
 def _mask_array(mask: Image.Image):
@@ -378,7 +394,7 @@ def build_demo(
             with gr.Column():
                 image = image_input(label="Image", sources=["upload", "clipboard"], elem_id="input-image")
                 threshold = None
-                if task == "object-detection":
+                if task == "object-detection" or predictor.subtask == "instance":
                     threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Score threshold")
                 submit = gr.Button("Predict", variant="primary", elem_id="predict")
             with gr.Column():
@@ -390,6 +406,9 @@ def build_demo(
                     drawn = gr.Image(label="Detections", elem_id="detections-image")
                     boxes = gr.JSON(label="Boxes", elem_id="boxes")
                     submit.click(predictor.detect, [image, threshold], [drawn, boxes, notes], **batch)
+                elif predictor.subtask == "instance":
+                    overlay = gr.AnnotatedImage(label="Instances", show_legend=True, elem_id="segmentation")
+                    submit.click(predictor.segment_instances, [image, threshold], [overlay, notes], **batch)
                 else:
                     overlay = gr.AnnotatedImage(label="Segmentation", show_legend=True, elem_id="segmentation")
                     submit.click(predictor.segment, [image], [overlay, notes], **batch)

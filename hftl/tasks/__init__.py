@@ -14,6 +14,7 @@ TASK_MODULES = {
     "classification": "hftl.tasks.classification.task",
     "detection": "hftl.tasks.detection.task",
     "segmentation": "hftl.tasks.segmentation.task",
+    "instance-segmentation": "hftl.tasks.instance_segmentation.task",
 }
 
 
@@ -25,6 +26,8 @@ def _task_definition(name: str):
 
 def get_task(name: str, config=None) -> Task:
     """The task object for a run; a module's TASK may be a class (built with the run's config) or an instance."""
+    if name == "segmentation" and getattr(getattr(config, "task", None), "subtask", "semantic") == "instance":
+        name = "instance-segmentation"  # recipes/segment.py --subtask instance
     task = _task_definition(name)
     return task(config) if isinstance(task, type) else task
 

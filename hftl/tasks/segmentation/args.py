@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class SegmentationArgs:
+    subtask: Literal["semantic", "instance"] = field(
+        default="semantic",
+        metadata={
+            "help": "semantic: a class per pixel; instance: a mask per object, COCO mAP "
+            "(hftl/tasks/instance_segmentation/)."
+        },
+    )
     id2label: str | None = field(
         default=None,
         metadata={"help": "Class id → name JSON (a file, or repo_id:file in a Hub dataset repo)."},

@@ -17,6 +17,7 @@ from hftl.bundled import register_dataset
 from hftl.data import ROW_COLUMN, add_row_numbers
 from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
 from hftl.strategies import peft_base
+from hftl.tasks import mask_classification as mc
 from hftl.tasks.base import Task
 from hftl.tasks.segmentation import data as sd
 from hftl.tasks.segmentation.args import SegmentationArgs
@@ -66,6 +67,7 @@ class SegmentationTask(Task):
         self.palette = None
         self.num_labels = None
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        self.mask_classification = False  # Mask2Former / MaskFormer: class + mask queries, their own loss
 
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:
@@ -137,7 +139,14 @@ class SegmentationTask(Task):
         config = AutoConfig.from_pretrained(
             path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code
         )
-        if config.model_type == "timm_wrapper":
+        if mc.is_mask_classification(config):
+            self.mask_classification = True
+            image_size = self.config.data.image_size if self.config is not None else None
+            if image_size:
+                mc.check_image_size(image_size)
+            model, processor = mc.load_universal(model_args, id2label, image_size)
+            model.config.hftl_subtask = "semantic"  # pipeline()'s default for these models is panoptic
+        elif config.model_type == "timm_wrapper":
             from hftl.tasks.segmentation.models import upernet_from_timm
 
             model, processor = upernet_from_timm(path, config, id2label, UPERNET_HIDDEN_SIZE, self.ignore_index)
@@ -149,23 +158,28 @@ class SegmentationTask(Task):
                     raise
                 raise ValueError(
                     f"{model_args.model!r} ({config.model_type}) is not a semantic-segmentation architecture. Use a "
-                    "SegFormer/UperNet/DPT/BEiT checkpoint (e.g. nvidia/mit-b0) or a timm model (UperNet encoder)."
+                    "SegFormer/UperNet/DPT/BEiT/Mask2Former/MaskFormer checkpoint (e.g. nvidia/mit-b0) or a timm "
+                    "model (UperNet encoder)."
                 ) from None
         for attribute in ("semantic_loss_ignore_index", "loss_ignore_index"):
             if hasattr(model.config, attribute):
                 setattr(model.config, attribute, self.ignore_index)
         if hasattr(processor, "do_reduce_labels"):
             processor.do_reduce_labels = False  # labels are reduced by the task's transforms, by option
-        if self.config is not None and self.config.data.image_size:
+        if self.config is not None and self.config.data.image_size and not self.mask_classification:
             resize_processor(processor, model.config, self.config.data.image_size)
         return model, processor
 
     def backbone(self, model):
+        if self.mask_classification:
+            return mc.backbone(model)
         base = peft_base(model)
         return getattr(base, "backbone", None) or getattr(base, base.base_model_prefix)
 
     def head_modules(self, model) -> list[str]:
         """Every top-level part that is not the encoder: decode head, auxiliary head, neck."""
+        if self.mask_classification:
+            return mc.head_modules(model)
         base = peft_base(model)
         encoder = self.backbone(base)
         return [
@@ -175,6 +189,8 @@ class SegmentationTask(Task):
         ]
 
     def lora_targets(self, model) -> list[str]:
+        if self.mask_classification:
+            return mc.lora_targets(model)
         from hftl.lora import derive_targets, usable_preset
 
         base = peft_base(model)
@@ -249,6 +265,8 @@ class SegmentationTask(Task):
 
     def forward(self, model, batch):
         pixel_values, labels = batch["pixel_values"], batch["labels"]
+        if self.mask_classification:
+            return mask_classification_forward(model, pixel_values, labels, self.ignore_index)
         if isinstance(labels, torch.Tensor) and labels.shape[-2:] == pixel_values.shape[-2:]:
             # the model's own loss also trains auxiliary heads (UperNet, BEiT, DPT), which DDP needs to see used
             return model(pixel_values=pixel_values, labels=labels)
@@ -258,6 +276,21 @@ class SegmentationTask(Task):
 
     def new_evaluator(self, id2label: dict):
         return SegmentationEvaluator(id2label, self.ignore_index, self.mean, self.std)
+
+
+def mask_classification_forward(model, pixel_values: torch.Tensor, labels, ignore_index: int):
+    """The model's own loss on one binary mask per class present; `.logits` holds per-class scores for metrics."""
+    size = pixel_values.shape[-2:]
+    mask_labels, class_labels = [], []
+    for label in labels:
+        if label.shape[-2:] != size:  # evaluation keeps labels at full resolution
+            label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        masks, classes = mc.semantic_targets(label, ignore_index)
+        mask_labels.append(masks.to(pixel_values.dtype))
+        class_labels.append(classes)
+    outputs = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+    outputs.logits = mc.semantic_scores(outputs)
+    return outputs
 
 
 def full_resolution_loss(logits: torch.Tensor, labels: list[torch.Tensor], ignore_index: int) -> torch.Tensor:

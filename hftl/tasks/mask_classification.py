@@ -1,0 +1,194 @@
+"""Mask-classification models (Mask2Former, MaskFormer): one set of plumbing for semantic and instance segmentation.
+
+These models predict N (class, mask) pairs per image and train with their own Hungarian-matched loss on per-segment
+binary masks; post-processing through their image processor turns the pairs into semantic maps or instances.
+Loading: any `AutoModelForUniversalSegmentation` checkpoint with the class head resized to the labels, or a timm
+classifier (e.g. the bundled `hftl/efficientnet-lite0`) whose ImageNet weights become the backbone of a small
+Mask2Former built from config. Either way the saved folder loads with `pipeline("image-segmentation")`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK_CLASSIFICATION_TYPES = ("mask2former", "maskformer")
+# Small enough to train on a CPU in minutes, big enough for a handful of classes and instances per image.
+MASK2FORMER_SIZE = {
+    "hidden_dim": 64,
+    "feature_size": 64,
+    "mask_feature_size": 64,
+    "encoder_feedforward_dim": 256,
+    "dim_feedforward": 256,
+    "encoder_layers": 2,
+    "decoder_layers": 3,
+    "num_attention_heads": 4,
+    "num_queries": 20,
+    "dropout": 0.0,
+    # points per mask for the matcher and the mask loss; small images have fewer pixels than the default 12544
+    "train_num_points": 512,
+}
+FEATURE_STRIDES = (4, 8, 16, 32)
+DEFAULT_IMAGE_SIZE = 384
+# Backbone LoRA targets, first tier found in the encoder wins: Swin/ViT attention, then timm CNN pointwise convs.
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
+LORA_TIERS = (("query", "value"), ("q_proj", "v_proj"), ("qkv",), ("conv_pw", "conv_pwl"), ("pwconv1", "pwconv2"))
+
+
+def is_mask_classification(config) -> bool:
+    return getattr(config, "model_type", None) in MASK_CLASSIFICATION_TYPES
+
+
+def load_universal(model_args, id2label: dict, image_size: int | None):
+    """A Hub/local Mask2Former or MaskFormer checkpoint with its class head resized to `id2label`."""
+    from transformers import AutoModelForUniversalSegmentation
+
+    from hftl.modeling import load_model_and_processor
+
+    model, processor = load_model_and_processor(AutoModelForUniversalSegmentation, model_args, id2label)
+    # square inputs without padding: batches stack, and post-processing (which ignores padding) stays aligned
+    side = image_size or -(-int(processor.size.get("shortest_edge") or processor.size.get("height")) // 32) * 32
+    processor.size = {"height": side, "width": side}
+    _processor_defaults(processor)
+    return model, processor
+
+
+def mask2former_from_timm(path: str, timm_config, id2label: dict, image_size: int | None):
+    """(Mask2FormerForUniversalSegmentation whose backbone holds the timm classifier's weights, its processor)."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        TimmWrapperForImageClassification,
+    )
+
+    from hftl.modeling import copy_timm_weights
+
+    architecture = timm_config.architecture
+    id2label = {int(k): v for k, v in id2label.items()}
+    config = Mask2FormerConfig(
+        backbone_config=_timm_backbone_config(architecture),
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        **MASK2FORMER_SIZE,
+    )
+    model = Mask2FormerForUniversalSegmentation(config)
+    classifier = TimmWrapperForImageClassification.from_pretrained(path)
+    copy_timm_weights(
+        backbone(model)._backbone,
+        classifier.timm_model.state_dict(),
+        "The timm checkpoint does not cover these Mask2Former backbone tensors",
+        ignore=lambda name: name.endswith("num_batches_tracked"),
+    )
+    cfg = dict(getattr(timm_config, "pretrained_cfg", None) or {})
+    side = image_size or DEFAULT_IMAGE_SIZE
+    processor = Mask2FormerImageProcessor(
+        size={"height": side, "width": side},
+        image_mean=list(cfg.get("mean") or (0.485, 0.456, 0.406)),
+        image_std=list(cfg.get("std") or (0.229, 0.224, 0.225)),
+    )
+    _processor_defaults(processor)
+    return model, processor
+
+
+def _timm_backbone_config(architecture: str) -> dict:
+    """The feature levels at strides 4, 8, 16 and 32: the pyramid Mask2Former's pixel decoder expects."""
+    import timm
+
+    with torch.device("meta"):
+        features = timm.create_model(architecture, pretrained=False, features_only=True)
+    reductions = features.feature_info.reduction()
+    indices = [reductions.index(s) for s in FEATURE_STRIDES if s in reductions]
+    if len(indices) != len(FEATURE_STRIDES):
+        raise ValueError(
+            f"timm model {architecture!r} has feature strides {reductions}; Mask2Former needs 4, 8, 16 and 32."
+        )
+    return {
+        "model_type": "timm_backbone",
+        "backbone": architecture,
+        "out_indices": indices,
+        "features_only": True,
+        "use_pretrained_backbone": False,
+        "freeze_batch_norm_2d": True,  # batches of a few images on a CPU: keep ImageNet statistics
+    }
+
+
+def _processor_defaults(processor) -> None:
+    # labels are class ids already (the task encodes them); nothing is reduced or ignored on the way in
+    processor.do_reduce_labels = False
+    processor.ignore_index = None
+
+
+def check_image_size(size: int) -> None:
+    """Post-processing ignores padding, so the square input must need none (the processor pads to /32)."""
+    if size % 32:
+        raise ValueError(
+            f"--image_size {size}: Mask2Former/MaskFormer need a multiple of 32 (e.g. {size // 32 * 32 or 32})."
+        )
+
+
+# ---- what strategies see ---------------------------------------------------------------------------------------
+def backbone(model):
+    from hftl.strategies import peft_base
+
+    return peft_base(model).model.pixel_level_module.encoder
+
+
+def head_modules(model) -> list[str]:
+    """Every part that is not the backbone (pixel decoder, transformer decoder, class and mask predictors): built
+    fresh or resized for the new labels, so it trains under every strategy."""
+    from hftl.strategies import peft_base
+
+    base = peft_base(model)
+    encoder = backbone(base)
+    heads, stack = [], [("", base)]
+    while stack:
+        prefix, module = stack.pop()
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if child is encoder or next(child.parameters(), None) is None:
+                continue
+            if any(sub is encoder for sub in child.modules()):
+                stack.append((full + ".", child))
+            else:
+                heads.append(full)
+    return sorted(heads)
+
+
+def lora_targets(model) -> list[str]:
+    """Full module paths inside the backbone, so PEFT never also wraps a same-named layer in the decoders (which
+    train whole as `modules_to_save`)."""
+    from hftl.strategies import peft_base
+
+    base = peft_base(model)
+    encoder = backbone(base)
+    prefix = next(name for name, module in base.named_modules() if module is encoder)
+    layers = [(n, n.rsplit(".", 1)[-1]) for n, m in encoder.named_modules() if isinstance(m, LORA_LAYERS)]
+    for tier in LORA_TIERS:
+        found = [f"{prefix}.{path}" for path, name in layers if name in tier]
+        if found:
+            return found
+    raise ValueError(
+        f"No default LoRA targets in the {type(encoder).__name__} backbone; pass --lora_target_modules with "
+        "backbone module names from model.named_modules()."
+    )
+
+
+# ---- training targets and semantic outputs -----------------------------------------------------------------------
+def semantic_targets(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One binary mask per class present in a class-id map (ignored pixels belong to none): the segments a
+    mask-classification model is matched against for semantic segmentation."""
+    present = [int(c) for c in torch.unique(labels) if int(c) != ignore_index]
+    if not present:
+        return torch.zeros((0, *labels.shape[-2:])), torch.zeros(0, dtype=torch.long)
+    classes = torch.tensor(present, dtype=torch.long, device=labels.device)
+    masks = (labels[None] == classes[:, None, None]).float()
+    return masks, classes
+
+
+def semantic_scores(outputs) -> torch.Tensor:
+    """(B, classes, h, w) class probabilities per pixel, as `post_process_semantic_segmentation` computes them
+    (softmax over classes without "no object", times the sigmoid of each query's mask, summed over queries)."""
+    classes = outputs.class_queries_logits.float().softmax(-1)[..., :-1]
+    masks = outputs.masks_queries_logits.float().sigmoid()
+    return torch.einsum("bqc,bqhw->bchw", classes, masks)
