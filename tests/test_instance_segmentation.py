@@ -422,9 +422,10 @@ def test_two_rank_run_counts_each_test_image_once(tiny_timm_efficientnet_dir, tm
 
 
 @pytest.mark.slow
-def test_mask2former_semantic_segmentation(tiny_timm_efficientnet_dir, tmp_path):
-    """A Mask2Former checkpoint trains for semantic maps with its own loss; metrics and pipeline(subtask=semantic)
-    use the semantic post-processing."""
+@pytest.mark.parametrize("strategy", ["full", "frozen-backbone", "lora"])
+def test_mask2former_semantic_segmentation(strategy, tiny_timm_efficientnet_dir, tmp_path):
+    """A Mask2Former checkpoint trains for semantic maps with its own loss under every shared strategy; metrics and
+    pipeline(subtask=semantic) use the semantic post-processing."""
     from transformers import pipeline
 
     from hftl.runner import run
@@ -440,6 +441,7 @@ def test_mask2former_semantic_segmentation(tiny_timm_efficientnet_dir, tmp_path)
         "--dataset", "hftl/shapes-segmentation", "--model", str(checkpoint), "--image_size", str(SIZE),
         "--max_train_samples", "16", "--max_eval_samples", "4", "--batch_size", "4", "--max_steps", "3",
         "--report_to", "none", "--checkpoint_every_epoch", "false", "--output_dir", str(out),
+        "--strategy", strategy,
     ]  # fmt: skip
     results = run("segmentation", argv)
     assert results["labels"] == ["background", *NAMES] and 0 <= results["test"]["mean_iou"] <= 1
