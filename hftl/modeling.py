@@ -244,6 +244,15 @@ def timm_features_state(path: str, timm_config, out_indices: list[int]) -> dict:
     return features.state_dict()
 
 
+def model_around_timm(model_class, config, path: str, timm_config, backbone_of):
+    """`model_class(config)` whose timm backbone (`backbone_of(model)`, built from `config.backbone_config`) holds
+    the weights of the timm classifier at `path`. model_args are refused before the model is built."""
+    state = timm_features_state(path, timm_config, config.backbone_config.out_indices)
+    model = model_class(config)
+    load_backbone_weights(backbone_of(model), state)
+    return model
+
+
 def timm_feature_info(architecture: str):
     """timm's `feature_info` (strides, channels per level) of `architecture` as a features-only model, built on
     the meta device: no weights are made or read."""

@@ -56,7 +56,7 @@ def mask2former_from_timm(path: str, timm_config, id2label: dict, image_size: in
     """(Mask2FormerForUniversalSegmentation whose backbone holds the timm classifier's weights, its processor)."""
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-    from hftl.modeling import load_backbone_weights, timm_features_state, timm_normalization
+    from hftl.modeling import model_around_timm, timm_normalization
 
     id2label = {int(k): v for k, v in id2label.items()}
     config = Mask2FormerConfig(
@@ -66,9 +66,9 @@ def mask2former_from_timm(path: str, timm_config, id2label: dict, image_size: in
         label2id={v: k for k, v in id2label.items()},
         **MASK2FORMER_SIZE,
     )
-    state = timm_features_state(path, timm_config, config.backbone_config.out_indices)  # refuses model_args first
-    model = Mask2FormerForUniversalSegmentation(config)
-    load_backbone_weights(backbone(model)._backbone, state)
+    model = model_around_timm(
+        Mask2FormerForUniversalSegmentation, config, path, timm_config, lambda m: backbone(m)._backbone
+    )
     side = image_size or DEFAULT_IMAGE_SIZE
     mean, std = timm_normalization(timm_config)
     processor = Mask2FormerImageProcessor(size={"height": side, "width": side}, image_mean=mean, image_std=std)

@@ -41,7 +41,7 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         ConditionalDetrImageProcessor,
     )
 
-    from hftl.modeling import load_backbone_weights, timm_features_state, timm_normalization
+    from hftl.modeling import model_around_timm, timm_normalization
 
     id2label = {int(k): v for k, v in id2label.items()}
     config = ConditionalDetrConfig(
@@ -51,9 +51,9 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         label2id={v: k for k, v in id2label.items()},
         **DETECTOR_SIZE,
     )
-    state = timm_features_state(path, timm_config, config.backbone_config.out_indices)  # refuses model_args first
-    model = ConditionalDetrForObjectDetection(config)
-    load_backbone_weights(model.model.backbone.model, state)
+    model = model_around_timm(
+        ConditionalDetrForObjectDetection, config, path, timm_config, lambda m: m.model.backbone.model
+    )
     model.hftl_converted = True  # no hub holds this detector: see hftl.runner.save_model
     mean, std = timm_normalization(timm_config)
     side = image_size or DEFAULT_IMAGE_SIZE

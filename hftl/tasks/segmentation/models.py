@@ -18,7 +18,7 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
         UperNetForSemanticSegmentation,
     )
 
-    from hftl.modeling import load_backbone_weights, timm_features_state, timm_normalization
+    from hftl.modeling import model_around_timm, timm_normalization
 
     architecture = timm_config.architecture
     id2label = {int(k): v for k, v in id2label.items()}
@@ -32,9 +32,9 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
         label2id={v: k for k, v in id2label.items()},
         loss_ignore_index=ignore_index,
     )
-    state = timm_features_state(path, timm_config, levels)  # refuses model_args first
-    model = UperNetForSemanticSegmentation(config)
-    load_backbone_weights(model.backbone._backbone, state)
+    model = model_around_timm(
+        UperNetForSemanticSegmentation, config, path, timm_config, lambda m: m.backbone._backbone
+    )
     model.hftl_converted = True  # no hub holds this UperNet: see hftl.runner.save_model
     pretrained = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     size = int((pretrained.get("input_size") or [3, 224, 224])[-1])
