@@ -115,12 +115,37 @@ def write_efficientnet_lite0(folder: Path) -> None:
 BUNDLED_MODELS: dict[str, Callable[[Path], None]] = {EFFICIENTNET_LITE0: write_efficientnet_lite0}
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: Path, marker: str = _MARKER, version: int = _FORMAT_VERSION) -> bool:
+    """Whether `folder` was finished by `build_once` in the current format (its `marker` file says `version`)."""
     try:
-        marker = json.loads((folder / _MARKER).read_text())
+        return json.loads((folder / marker).read_text()).get("format_version") == version
     except (OSError, ValueError):
         return False
-    return marker.get("format_version") == _FORMAT_VERSION
+
+
+def build_once(
+    target: Path, name: str, write: Callable[[Path], None], marker: str = _MARKER, version: int = _FORMAT_VERSION
+) -> Path:
+    """`write(folder)` fills a staging folder that then appears at `target` atomically, with a `marker` file; a
+    complete `target` is reused, so concurrent ranks and later calls never see a half-written folder."""
+    if is_complete(target, marker, version):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
+        (staging / marker).write_text(json.dumps({"name": name, "format_version": version}))
+        if target.exists() and not is_complete(target, marker, version):
+            shutil.rmtree(target, ignore_errors=True)  # stale format or interrupted: rebuild
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # another process won the race only if it left a complete folder
+            if not is_complete(target, marker, version):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def materialize_model(name: str) -> Path:
@@ -128,24 +153,7 @@ def materialize_model(name: str) -> Path:
     reuse it. The folder appears atomically, so concurrent ranks never see a half-written model."""
     if name not in BUNDLED_MODELS:
         raise ValueError(f"Unknown bundled model {name!r}; bundled models: {', '.join(sorted(BUNDLED_MODELS))}.")
-    target = cache_dir() / "models" / name
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        BUNDLED_MODELS[name](staging)
-        (staging / _MARKER).write_text(json.dumps({"name": name, "format_version": _FORMAT_VERSION}))
-        if target.exists() and not _is_complete(target):
-            shutil.rmtree(target, ignore_errors=True)  # stale format or interrupted by hand: rebuild
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not _is_complete(target):  # another process won the race only if it left a complete folder
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(cache_dir() / "models" / name, name, BUNDLED_MODELS[name])
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -163,6 +171,7 @@ def load_timm_backbone_weights(module, strict: bool = True) -> list[str]:
     its `conv_stem.weight`. A classifier of another size is left as is. Returns the names loaded. With `strict`,
     any other backbone tensor that the checkpoint does not cover raises, naming it.
     """
+    # not timm_features_state: this also fills a full classifier (a TimmWrapper), not only a features-only backbone
     from hftl.modeling import copy_timm_weights
 
     stems = [key for key in module.state_dict() if key == "conv_stem.weight" or key.endswith(".conv_stem.weight")]

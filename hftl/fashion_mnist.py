@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -111,33 +109,13 @@ def build(folder: Path, target: Path) -> None:
         ).save_to_disk(str(target))
 
 
-def _is_complete(folder: Path) -> bool:
-    try:
-        return json.loads((folder / _MARKER).read_text()).get("format_version") == _FORMAT_VERSION
-    except (OSError, ValueError):
-        return False
-
-
 def load_fashion_mnist() -> DatasetDict:
     """train 55,000 / validation 5,000 (stratified, fixed) / test 10,000 (official); built into the cache once."""
-    from hftl.bundled import cache_dir
+    from hftl.bundled import build_once, cache_dir, is_complete
 
     target = cache_dir() / "datasets" / NAME
-    if not _is_complete(target):
+    if not is_complete(target, _MARKER, _FORMAT_VERSION):
         folder = source_dir()
-        check_source(folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            build(folder, staging / "data")
-            (staging / _MARKER).write_text(json.dumps({"name": NAME, "format_version": _FORMAT_VERSION}))
-            if target.exists():
-                shutil.rmtree(target, ignore_errors=True)  # stale format or interrupted: rebuild
-            try:
-                os.replace(staging, target)
-            except OSError:
-                if not _is_complete(target):  # another process won the race only if it left a complete folder
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        check_source(folder)  # before any work: a missing package is named, not a half-built cache
+        build_once(target, NAME, lambda staging: build(folder, staging / "data"), _MARKER, _FORMAT_VERSION)
     return load_from_disk(str(target / "data"))

@@ -244,6 +244,44 @@ def timm_features_state(path: str, timm_config, out_indices: list[int]) -> dict:
     return features.state_dict()
 
 
+def model_around_timm(model_class, config, path: str, timm_config, backbone_of):
+    """`model_class(config)` whose timm backbone (`backbone_of(model)`, built from `config.backbone_config`) holds
+    the weights of the timm classifier at `path`. model_args are refused before the model is built."""
+    state = timm_features_state(path, timm_config, config.backbone_config.out_indices)
+    model = model_class(config)
+    load_backbone_weights(backbone_of(model), state)
+    return model
+
+
+def timm_feature_info(architecture: str):
+    """timm's `feature_info` (strides, channels per level) of `architecture` as a features-only model, built on
+    the meta device: no weights are made or read."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        return timm.create_model(architecture, pretrained=False, features_only=True).feature_info
+
+
+def timm_backbone_config(architecture: str, out_indices: list[int]) -> dict:
+    """A transformers `TimmBackbone` config that rebuilds from the architecture name alone (the weights come from
+    `load_backbone_weights`), so a saved folder reloads without asking any hub."""
+    return {
+        "model_type": "timm_backbone",
+        "backbone": architecture,
+        "out_indices": list(out_indices),
+        "features_only": True,
+        "use_pretrained_backbone": False,
+        "freeze_batch_norm_2d": True,  # batches of a few images on a CPU: keep ImageNet statistics
+    }
+
+
+def timm_normalization(timm_config) -> tuple[list[float], list[float]]:
+    """(mean, std) the timm classifier was trained with, ImageNet's when its config does not say."""
+    cfg = dict(getattr(timm_config, "pretrained_cfg", None) or {})
+    return list(cfg.get("mean") or IMAGENET_MEAN), list(cfg.get("std") or IMAGENET_STD)
+
+
 def load_backbone_weights(backbone, features_state: dict) -> int:
     """Loads the features-only state dict timm made (`timm_features_state`); every backbone tensor must be
     covered, so a mismatch fails here rather than training a random backbone while claiming transfer."""

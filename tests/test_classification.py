@@ -12,15 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from hftl.runner import run
+from tests.fixtures.data import classification_argv as _argv
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _argv(data, model, out, *extra):
-    return [
-        "--dataset", str(data), "--model", str(model), "--output_dir", str(out), "--num_epochs", "3",
-        "--batch_size", "8", "--learning_rate", "3.0e-3", "--report_to", "none", "--seed", "0", *extra,
-    ]  # fmt: skip
 
 
 def _weights(folder) -> dict:

@@ -54,63 +54,39 @@ def load_universal(model_args, id2label: dict, image_size: int | None):
 
 def mask2former_from_timm(path: str, timm_config, id2label: dict, image_size: int | None):
     """(Mask2FormerForUniversalSegmentation whose backbone holds the timm classifier's weights, its processor)."""
-    from transformers import (
-        Mask2FormerConfig,
-        Mask2FormerForUniversalSegmentation,
-        Mask2FormerImageProcessor,
-        TimmWrapperForImageClassification,
-    )
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-    from hftl.modeling import copy_timm_weights
+    from hftl.modeling import model_around_timm, timm_normalization
 
-    architecture = timm_config.architecture
     id2label = {int(k): v for k, v in id2label.items()}
     config = Mask2FormerConfig(
-        backbone_config=_timm_backbone_config(architecture),
+        backbone_config=_timm_backbone_config(timm_config.architecture),
         num_labels=len(id2label),
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
         **MASK2FORMER_SIZE,
     )
-    model = Mask2FormerForUniversalSegmentation(config)
-    classifier = TimmWrapperForImageClassification.from_pretrained(path)
-    copy_timm_weights(
-        backbone(model)._backbone,
-        classifier.timm_model.state_dict(),
-        "The timm checkpoint does not cover these Mask2Former backbone tensors",
-        ignore=lambda name: name.endswith("num_batches_tracked"),
+    model = model_around_timm(
+        Mask2FormerForUniversalSegmentation, config, path, timm_config, lambda m: backbone(m)._backbone
     )
-    cfg = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     side = image_size or DEFAULT_IMAGE_SIZE
-    processor = Mask2FormerImageProcessor(
-        size={"height": side, "width": side},
-        image_mean=list(cfg.get("mean") or (0.485, 0.456, 0.406)),
-        image_std=list(cfg.get("std") or (0.229, 0.224, 0.225)),
-    )
+    mean, std = timm_normalization(timm_config)
+    processor = Mask2FormerImageProcessor(size={"height": side, "width": side}, image_mean=mean, image_std=std)
     _processor_defaults(processor)
     return model, processor
 
 
 def _timm_backbone_config(architecture: str) -> dict:
     """The feature levels at strides 4, 8, 16 and 32: the pyramid Mask2Former's pixel decoder expects."""
-    import timm
+    from hftl.modeling import timm_backbone_config, timm_feature_info
 
-    with torch.device("meta"):
-        features = timm.create_model(architecture, pretrained=False, features_only=True)
-    reductions = features.feature_info.reduction()
+    reductions = timm_feature_info(architecture).reduction()
     indices = [reductions.index(s) for s in FEATURE_STRIDES if s in reductions]
     if len(indices) != len(FEATURE_STRIDES):
         raise ValueError(
             f"timm model {architecture!r} has feature strides {reductions}; Mask2Former needs 4, 8, 16 and 32."
         )
-    return {
-        "model_type": "timm_backbone",
-        "backbone": architecture,
-        "out_indices": indices,
-        "features_only": True,
-        "use_pretrained_backbone": False,
-        "freeze_batch_norm_2d": True,  # batches of a few images on a CPU: keep ImageNet statistics
-    }
+    return timm_backbone_config(architecture, indices)
 
 
 def _processor_defaults(processor) -> None:

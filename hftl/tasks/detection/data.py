@@ -73,18 +73,20 @@ def load_shapes_detection(image_size: int = SHAPES_IMAGE_SIZE, split_sizes: dict
 
 
 # ---- local COCO folders ------------------------------------------------------------------------------------------
-def load_coco_folder(path: str | Path) -> DatasetDict:
-    """`path/annotations.json` (+ images), or one such folder per split (`train/`, `valid/`, `test/`)."""
+def load_coco_folder(path: str | Path, read=None) -> DatasetDict:
+    """`path/annotations.json` (+ images), or one such folder per split (`train/`, `valid/`, `test/`); each file
+    is read by `read` (default: `coco_json_to_dataset`, boxes)."""
+    read = read or coco_json_to_dataset
     root = Path(path)
     own = _coco_file(root)
     if own is not None:
-        return DatasetDict({"train": coco_json_to_dataset(own)})
+        return DatasetDict({"train": read(own)})
     splits = {}
     for split, names in SPLIT_FOLDERS.items():
         for name in names:
             found = _coco_file(root / name) if (root / name).is_dir() else None
             if found is not None:
-                splits[split] = coco_json_to_dataset(found)
+                splits[split] = read(found)
                 break
     if "train" not in splits:
         raise FileNotFoundError(
@@ -98,9 +100,11 @@ def _coco_file(folder: Path) -> Path | None:
     return next((folder / n for n in COCO_FILE_NAMES if (folder / n).is_file()), None)
 
 
-def coco_json_to_dataset(json_path: str | Path) -> Dataset:
-    """Reads a COCO detection file into the canonical rows; categories become class ids 0..K-1 in id order.
-    Images without annotations are kept (negatives). Errors name the file and the annotation or image."""
+def read_coco(json_path: str | Path, what: str, check=None) -> tuple[list[str], dict, list]:
+    """Reads and checks a COCO `what` ("detection", "instances") file: (class names, category id → class id
+    0..K-1 in id order, [(image_id, image file, annotations), ...] for every image, annotated or not).
+    `check(annotation, where)` raises on an annotation the caller cannot use. Errors name the file and the
+    annotation or image."""
     json_path = Path(json_path)
     try:
         coco = json.loads(json_path.read_text())
@@ -108,30 +112,40 @@ def coco_json_to_dataset(json_path: str | Path) -> Dataset:
         raise ValueError(f"{json_path} is not valid JSON: {error}") from None
     for key in ("images", "annotations", "categories"):
         if key not in coco:
-            raise ValueError(f"{json_path} has no {key!r} list; it must be a COCO detection file.")
+            raise ValueError(f"{json_path} has no {key!r} list; it must be a COCO {what} file.")
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     class_of = {c["id"]: i for i, c in enumerate(categories)}
-    names = [str(c["name"]) for c in categories]
     images = {image["id"]: image for image in coco["images"]}
     by_image: dict = {image_id: [] for image_id in images}
     for ann in coco["annotations"]:
+        where = f"{json_path}: annotation {ann.get('id')}"
         if ann.get("image_id") not in images:
-            where = f"{json_path}: annotation {ann.get('id')}"
             raise ValueError(f"{where} refers to an unknown image_id {ann.get('image_id')}.")
         if ann.get("category_id") not in class_of:
             raise ValueError(
-                f"{json_path}: annotation {ann.get('id')} (image {images[ann['image_id']].get('file_name')}) has "
-                f"category_id {ann.get('category_id')}, not among the categories {sorted(class_of)}."
+                f"{where} (image {images[ann['image_id']].get('file_name')}) has category_id "
+                f"{ann.get('category_id')}, not among the categories {sorted(class_of)}."
             )
+        if check is not None:
+            check(ann, where)
         by_image[ann["image_id"]].append(ann)
-    rows = {"image": [], "image_id": [], "width": [], "height": [], "objects": []}
+    entries = []
     for image_id, image in images.items():
         file = json_path.parent / image["file_name"]
         if not file.is_file() and (json_path.parent / "images" / image["file_name"]).is_file():
             file = json_path.parent / "images" / image["file_name"]
         if not file.is_file():
             raise FileNotFoundError(f"{json_path}: image {image['file_name']!r} (id {image_id}) not found at {file}.")
-        anns = by_image[image_id]
+        entries.append((image_id, image, file, by_image[image_id]))
+    return [str(c["name"]) for c in categories], class_of, entries
+
+
+def coco_json_to_dataset(json_path: str | Path) -> Dataset:
+    """Reads a COCO detection file into the canonical rows; categories become class ids 0..K-1 in id order.
+    Images without annotations are kept (negatives)."""
+    names, class_of, entries = read_coco(json_path, "detection")
+    rows = {"image": [], "image_id": [], "width": [], "height": [], "objects": []}
+    for image_id, image, file, anns in entries:
         rows["image"].append(str(file))
         rows["image_id"].append(int(image_id))
         rows["width"].append(int(image.get("width") or 0))

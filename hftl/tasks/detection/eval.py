@@ -20,6 +20,20 @@ SAMPLES_TO_DRAW = 6
 SUMMARY_METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
+def save_coco_artifacts(evaluator, output_dir: str | Path, prefix: str) -> list[Path]:
+    """The COCO evaluators' files: `{prefix}_predictions.json` (COCO results rows), `{prefix}_categories.json`
+    beside it, and `{prefix}_predictions.png` from `evaluator._draw` when samples were kept."""
+    out = Path(output_dir)
+    json_path = out / f"{prefix}_predictions.json"
+    json_path.write_text(json.dumps(evaluator.results))
+    categories = [{"id": i, "name": name} for i, name in sorted(evaluator.id2label.items())]
+    (out / f"{prefix}_categories.json").write_text(json.dumps(categories, indent=1))
+    written = [json_path]
+    if evaluator.drawn:
+        written.append(evaluator._draw(out / f"{prefix}_predictions.png"))
+    return written
+
+
 class DetectionEvaluator:
     def __init__(self, id2label: dict, processor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         from torchmetrics.detection import MeanAveragePrecision
@@ -101,15 +115,7 @@ class DetectionEvaluator:
 
     def save_artifacts(self, output_dir: str | Path, prefix: str) -> list[Path]:
         """`{prefix}_predictions.json` (COCO results; categories listed beside) and `{prefix}_predictions.png`."""
-        out = Path(output_dir)
-        json_path = out / f"{prefix}_predictions.json"
-        json_path.write_text(json.dumps(self.results))
-        categories = [{"id": i, "name": name} for i, name in sorted(self.id2label.items())]
-        (out / f"{prefix}_categories.json").write_text(json.dumps(categories, indent=1))
-        written = [json_path]
-        if self.drawn:
-            written.append(self._draw(out / f"{prefix}_predictions.png"))
-        return written
+        return save_coco_artifacts(self, output_dir, prefix)
 
     def _draw(self, path: Path) -> Path:
         from hftl.plotting import pyplot

@@ -8,8 +8,6 @@ replacement would drop it), and the saved config says `use_pretrained_backbone: 
 
 from __future__ import annotations
 
-import torch
-
 # Small enough to train on a CPU in minutes, big enough for a handful of classes and objects per image.
 DETECTOR_SIZE = {
     "d_model": 128,
@@ -28,20 +26,11 @@ BACKBONE_STRIDE = 16  # one feature map, as DETR uses; stride 16 keeps small obj
 
 
 def backbone_config(architecture: str) -> dict:
-    import timm
+    from hftl.modeling import timm_backbone_config, timm_feature_info
 
-    with torch.device("meta"):
-        features = timm.create_model(architecture, pretrained=False, features_only=True)
-    reductions = features.feature_info.reduction()
+    reductions = timm_feature_info(architecture).reduction()
     index = max((i for i, r in enumerate(reductions) if r <= BACKBONE_STRIDE), default=len(reductions) - 1)
-    return {
-        "model_type": "timm_backbone",
-        "backbone": architecture,
-        "out_indices": [index],
-        "features_only": True,
-        "use_pretrained_backbone": False,
-        "freeze_batch_norm_2d": True,
-    }
+    return timm_backbone_config(architecture, [index])
 
 
 def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int | None):
@@ -52,7 +41,7 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         ConditionalDetrImageProcessor,
     )
 
-    from hftl.modeling import load_backbone_weights, timm_features_state
+    from hftl.modeling import model_around_timm, timm_normalization
 
     id2label = {int(k): v for k, v in id2label.items()}
     config = ConditionalDetrConfig(
@@ -62,15 +51,13 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
         label2id={v: k for k, v in id2label.items()},
         **DETECTOR_SIZE,
     )
-    state = timm_features_state(path, timm_config, config.backbone_config.out_indices)  # refuses model_args first
-    model = ConditionalDetrForObjectDetection(config)
-    load_backbone_weights(model.model.backbone.model, state)
+    model = model_around_timm(
+        ConditionalDetrForObjectDetection, config, path, timm_config, lambda m: m.model.backbone.model
+    )
     model.hftl_converted = True  # no hub holds this detector: see hftl.runner.save_model
-    cfg = dict(getattr(timm_config, "pretrained_cfg", None) or {})
+    mean, std = timm_normalization(timm_config)
     side = image_size or DEFAULT_IMAGE_SIZE
     processor = ConditionalDetrImageProcessor(
-        size={"shortest_edge": side, "longest_edge": side},
-        image_mean=list(cfg.get("mean") or (0.485, 0.456, 0.406)),
-        image_std=list(cfg.get("std") or (0.229, 0.224, 0.225)),
+        size={"shortest_edge": side, "longest_edge": side}, image_mean=mean, image_std=std
     )
     return model, processor

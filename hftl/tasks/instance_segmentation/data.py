@@ -22,7 +22,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hftl.synthetic import SHAPE_CLASSES, make_shapes
-from hftl.tasks.detection.data import COCO_FILE_NAMES, SPLIT_FOLDERS, _coco_file
+from hftl.tasks.detection import data as detection_data
 
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture")
 OBJECTS_COLUMN_NAMES = ("objects", "annotations", "segments")
@@ -218,58 +218,20 @@ def instance_features(names) -> Features:
 
 def load_coco_folder(path: str | Path) -> DatasetDict:
     """`path/annotations.json` (+ images), or one such folder per split (`train/`, `valid/`, `test/`)."""
-    root = Path(path)
-    own = _coco_file(root)
-    if own is not None:
-        return DatasetDict({"train": coco_json_to_dataset(own)})
-    splits = {}
-    for split, names in SPLIT_FOLDERS.items():
-        found = next((_coco_file(root / n) for n in names if (root / n).is_dir() and _coco_file(root / n)), None)
-        if found is not None:
-            splits[split] = coco_json_to_dataset(found)
-    if "train" not in splits:
-        raise FileNotFoundError(
-            f"{root} holds no COCO annotations: expected {root}/annotations.json next to the images, or split "
-            f"folders (train/, valid/, test/) each with one of {', '.join(COCO_FILE_NAMES)}."
-        )
-    return DatasetDict(splits)
+    return detection_data.load_coco_folder(path, read=coco_json_to_dataset)
+
+
+def _check_segmentation(ann: dict, where: str) -> None:
+    if "segmentation" not in ann:
+        raise ValueError(f"{where} has no 'segmentation' (polygons or RLE); this is a boxes-only file.")
 
 
 def coco_json_to_dataset(json_path: str | Path) -> Dataset:
     """A COCO instances file → rows; categories become class ids 0..K-1 in id order; images without annotations
-    are kept. Errors name the file and the annotation."""
-    json_path = Path(json_path)
-    try:
-        coco = json.loads(json_path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{json_path} is not valid JSON: {error}") from None
-    for key in ("images", "annotations", "categories"):
-        if key not in coco:
-            raise ValueError(f"{json_path} has no {key!r} list; it must be a COCO instances file.")
-    categories = sorted(coco["categories"], key=lambda c: c["id"])
-    class_of = {c["id"]: i for i, c in enumerate(categories)}
-    images = {image["id"]: image for image in coco["images"]}
-    by_image: dict = {image_id: [] for image_id in images}
-    for ann in coco["annotations"]:
-        where = f"{json_path}: annotation {ann.get('id')}"
-        if ann.get("image_id") not in images:
-            raise ValueError(f"{where} refers to an unknown image_id {ann.get('image_id')}.")
-        if ann.get("category_id") not in class_of:
-            raise ValueError(
-                f"{where} (image {images[ann['image_id']].get('file_name')}) has category_id "
-                f"{ann.get('category_id')}, not among the categories {sorted(class_of)}."
-            )
-        if "segmentation" not in ann:
-            raise ValueError(f"{where} has no 'segmentation' (polygons or RLE); this is a boxes-only file.")
-        by_image[ann["image_id"]].append(ann)
+    are kept."""
+    names, class_of, entries = detection_data.read_coco(json_path, "instances", check=_check_segmentation)
     rows = {"image": [], "image_id": [], "objects": []}
-    for image_id, image in images.items():
-        file = json_path.parent / image["file_name"]
-        if not file.is_file() and (json_path.parent / "images" / image["file_name"]).is_file():
-            file = json_path.parent / "images" / image["file_name"]
-        if not file.is_file():
-            raise FileNotFoundError(f"{json_path}: image {image['file_name']!r} (id {image_id}) not found at {file}.")
-        anns = by_image[image_id]
+    for image_id, _, file, anns in entries:
         rows["image"].append(str(file))
         rows["image_id"].append(int(image_id))
         rows["objects"].append(
@@ -279,7 +241,7 @@ def coco_json_to_dataset(json_path: str | Path) -> Dataset:
                 "iscrowd": [int(a.get("iscrowd", 0)) for a in anns],
             }
         )
-    return Dataset.from_dict(rows, features=instance_features([str(c["name"]) for c in categories]))
+    return Dataset.from_dict(rows, features=instance_features(names))
 
 
 # ---- the bundled synthetic set -----------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ torchmetrics' `MeanAveragePrecision`, which keeps them as COCO RLE: no split's d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from hftl.plotting import pyplot
+from hftl.tasks.detection.eval import save_coco_artifacts
 
 EVAL_THRESHOLD = 0.0  # score floor for mAP: low, so the precision-recall curve is complete
 DRAW_THRESHOLD = 0.5  # score floor for the picture
@@ -95,21 +97,10 @@ class InstanceEvaluator:
     def save_artifacts(self, output_dir: str | Path, prefix: str) -> list[Path]:
         """`{prefix}_predictions.json` (COCO results, RLE masks), `{prefix}_categories.json`, and a PNG of
         predicted vs true instances."""
-        out = Path(output_dir)
-        json_path = out / f"{prefix}_predictions.json"
-        json_path.write_text(json.dumps(self.results))
-        categories = [{"id": i, "name": name} for i, name in sorted(self.id2label.items())]
-        (out / f"{prefix}_categories.json").write_text(json.dumps(categories, indent=1))
-        written = [json_path]
-        if self.drawn:
-            written.append(self._draw(out / f"{prefix}_predictions.png"))
-        return written
+        return save_coco_artifacts(self, output_dir, prefix)
 
     def _draw(self, path: Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, axes = plt.subplots(len(self.drawn), 2, figsize=(7, 3.5 * len(self.drawn)), squeeze=False)
         for row, (image, pred, target) in enumerate(self.drawn):
@@ -162,9 +153,7 @@ def boxes_of(masks: torch.Tensor) -> torch.Tensor:
 
 def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Each instance in its own colour over the image."""
-    import matplotlib
-
-    colours = matplotlib.colormaps["tab20"]
+    colours = pyplot().get_cmap("tab20")
     shown = image.astype(np.float32).copy()
     for k, mask in enumerate(masks):
         colour = np.array(colours(k % 20)[:3]) * 255

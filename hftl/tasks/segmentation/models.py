@@ -8,8 +8,6 @@ model.safetensors holds every tensor. It loads with `pipeline("image-segmentatio
 
 from __future__ import annotations
 
-import torch
-
 
 def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, ignore_index: int):
     """`path` holds a `TimmWrapperForImageClassification` (e.g. the bundled hftl/efficientnet-lite0)."""
@@ -20,7 +18,7 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
         UperNetForSemanticSegmentation,
     )
 
-    from hftl.modeling import load_backbone_weights, timm_features_state
+    from hftl.modeling import model_around_timm, timm_normalization
 
     architecture = timm_config.architecture
     id2label = {int(k): v for k, v in id2label.items()}
@@ -34,28 +32,24 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
         label2id={v: k for k, v in id2label.items()},
         loss_ignore_index=ignore_index,
     )
-    state = timm_features_state(path, timm_config, levels)  # refuses model_args first
-    model = UperNetForSemanticSegmentation(config)
-    load_backbone_weights(model.backbone._backbone, state)
+    model = model_around_timm(
+        UperNetForSemanticSegmentation, config, path, timm_config, lambda m: m.backbone._backbone
+    )
     model.hftl_converted = True  # no hub holds this UperNet: see hftl.runner.save_model
     pretrained = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     size = int((pretrained.get("input_size") or [3, 224, 224])[-1])
+    mean, std = timm_normalization(timm_config)
     processor = SegformerImageProcessor(
-        size={"height": size, "width": size},
-        image_mean=list(pretrained.get("mean") or (0.485, 0.456, 0.406)),
-        image_std=list(pretrained.get("std") or (0.229, 0.224, 0.225)),
-        do_reduce_labels=False,
+        size={"height": size, "width": size}, image_mean=mean, image_std=std, do_reduce_labels=False
     )
     return model, processor
 
 
 def _feature_levels(architecture: str) -> list[int]:
     """The last four feature levels (strides 4..32 for CNNs): what UperNet's pyramid expects."""
-    import timm
+    from hftl.modeling import timm_feature_info
 
-    with torch.device("meta"):
-        features = timm.create_model(architecture, pretrained=False, features_only=True)
-    count = len(features.feature_info)
+    count = len(timm_feature_info(architecture))
     if count < 2:
         raise ValueError(
             f"timm model {architecture!r} has {count} feature level(s); UperNet needs a multi-scale encoder."
