@@ -191,6 +191,7 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
             main_metric,
             greater,
             train_collate_fn=train_collate,
+            processor=processor,
         )
     model = accelerator.unwrap_model(adapted.model)
     # train images skipped as they were read (a stream, or a train split too large to check up front)
@@ -205,7 +206,9 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
     test_loader = accelerator.prepare(
         make_loader(prepared["test"], task.collate, eval_bs, False, config.train.seed, config.train.num_workers)
     )
-    test_metrics, test_evaluator = evaluate(task, accelerator.prepare(model), test_loader, accelerator, id2label)
+    test_metrics, test_evaluator = evaluate(
+        task, accelerator.prepare(model), test_loader, accelerator, id2label, processor
+    )
     wise = None
     if zero_shot_state is not None:  # WiSE-FT: the best zero-shot/fine-tuned interpolation replaces the model
         model, wise, test_metrics, test_evaluator = wiseft.choose(

@@ -319,7 +319,7 @@ def _untrained_map50(argv) -> float:
     test = task.prepare(dsd, processor, config.data)["test"]
     accelerator = Accelerator(cpu=True)
     loader = accelerator.prepare(make_loader(test, task.collate, 16, False, 0, 0))
-    metrics, _ = evaluate(task, accelerator.prepare(model), loader, accelerator, dict(enumerate(names)))
+    metrics, _ = evaluate(task, accelerator.prepare(model), loader, accelerator, dict(enumerate(names)), processor)
     return metrics["map_50"]
 
 
