@@ -11,10 +11,9 @@ CURVES_FILE = "learning_curves.png"
 def plot_learning_curves(history: list[dict], metric: str, path: str | Path) -> Path | None:
     """Two panels: losses, and validation `metric` (raw weights, and EMA weights when the run kept an EMA).
     Returns None when no epoch was recorded."""
-    import matplotlib
+    from hftl.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not history:
         return None

@@ -80,10 +80,9 @@ def range_test(task, adapted, train_dataset, collate_fn, args, accelerator, star
 
 
 def save_range_test(result: RangeTest, output_dir: str | Path) -> Path:
-    import matplotlib
+    from hftl.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

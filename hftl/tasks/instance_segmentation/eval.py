@@ -106,10 +106,9 @@ class InstanceEvaluator:
         return written
 
     def _draw(self, path: Path) -> Path:
-        import matplotlib
+        from hftl.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, axes = plt.subplots(len(self.drawn), 2, figsize=(7, 3.5 * len(self.drawn)), squeeze=False)
         for row, (image, pred, target) in enumerate(self.drawn):
