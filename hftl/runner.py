@@ -1,6 +1,6 @@
-"""One run, for any task: config → data → model → strategy → train → test → save → (push, Space).
-
-Recipes call `run(task_name)`; tests call it with an argv list.
+"""One run, for any task, as public steps: setup → load_data → build_model → adapt → train_model → test → save →
+publish. Each step reads and fills a `Run`; recipes/*.py show them one by one in `main()`, and `run(task_name)`
+chains them in one call (the CLI, the tests).
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate.utils import set_seed
@@ -24,7 +26,7 @@ from hftl.image_check import check_images
 from hftl.lr_find import range_test, save_range_test
 from hftl.outputs import save_model, write_results
 from hftl.preflight import preflight
-from hftl.strategies import apply_strategy, enable_activation_checkpointing
+from hftl.strategies import Adapted, apply_strategy, enable_activation_checkpointing
 from hftl.system import configure_threads
 from hftl.tasks import DataSpec, Task, get_task, task_args
 from hftl.trainer import evaluate, make_loader, train
@@ -91,54 +93,131 @@ def prepare_data(task: Task, config: RunConfig, skipped: dict | None = None) -> 
 def lr_find(task_name: str, argv: list[str] | None = None) -> dict:
     """`hftl lr-find`: only the learning-rate range test of the run `argv` describes (lr_find.png/json in its
     output_dir); returns {"learning_rate": suggestion, "plot": path}."""
-    config = parse_config(argv)
+    config = parse_config(argv, task_args=task_args(task_name))
     config.train.learning_rate = AUTO_LR
     return run_config(task_name, config, lr_find_only=True)
 
 
+@dataclass
+class Run:
+    """What the steps of one run hand on to each other: each step reads what earlier ones filled in and fills in its
+    own (named in its docstring). A recipe may replace any step with its own code that fills the same fields."""
+
+    task_name: str
+    config: RunConfig
+    task: Task
+    accelerator: Any
+    threads: tuple = ()
+    started: float = field(default_factory=time.perf_counter)
+    # load_data
+    dsd: DatasetDict | None = None
+    spec: DataSpec | None = None
+    sizes: dict = field(default_factory=dict)
+    skipped_images: dict = field(default_factory=dict)
+    stream: tuple | None = None
+    # build_model
+    model: Any = None
+    processor: Any = None
+    zero_shot_state: dict | None = None
+    # adapt
+    adapted: Adapted | None = None
+    # train_model
+    prepared: DatasetDict | None = None
+    main_metric: str = ""
+    greater: bool = True
+    decoded: Any = None
+    result: Any = None
+    # test
+    test_metrics: dict = field(default_factory=dict)
+    test_evaluator: Any = None
+    wise: dict | None = None
+    # save
+    results: dict = field(default_factory=dict)
+
+
 def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) -> dict:
-    started = time.perf_counter()
+    """Every step, in order: what each recipe's `main()` shows section by section. `lr_find_only`: stop after the
+    learning-rate range test (`--learning_rate auto`) and return its suggestion."""
+    run = setup(task_name, config)
+    load_data(run)
+    build_model(run)
+    adapt(run)
+    train_model(run, lr_find_only)
+    if lr_find_only:
+        return run.results
+    test(run)
+    save(run)
+    publish(config, run.results)
+    return run.results
+
+
+def setup(task_name: str, config: RunConfig) -> Run:
+    """Checks that fail fast (output folder, preflight), torch threads, the Accelerator and the task object."""
     _check_output_dir(config)
     preflight(config)
     threads = configure_threads(config.train.num_threads)
     accelerator = _make_accelerator(config)
     accelerator.print(f"torch threads: {threads[0]} ({threads[1]})")
-    task = get_task(task_name, config)
-    skipped_images, stream = {}, None
-    with accelerator.main_process_first():
+    return Run(task_name, config, get_task(task_name, config), accelerator, threads)
+
+
+def load_data(run: Run) -> Run:
+    """Fills dsd, spec, sizes, skipped_images (and stream with --streaming): the dataset loaded, split, checked."""
+    config, task = run.config, run.task
+    with run.accelerator.main_process_first():
         if config.data.streaming:
             from hftl.streaming import prepare_streaming
 
-            dsd, spec, stream = prepare_streaming(task, config, skipped_images)
+            run.dsd, run.spec, run.stream = prepare_streaming(task, config, run.skipped_images)
         else:
-            dsd, spec = prepare_data(task, config, skipped_images)
-    names, id2label = spec.label_names, spec.id2label
-    sizes = {split: len(ds) for split, ds in dsd.items()} | ({"train": stream[1]} if stream else {})
-    accelerator.print(
-        f"data: {config.data.dataset}: {len(names)} classes; " + ", ".join(f"{k} {v}" for k, v in sizes.items())
+            run.dsd, run.spec = prepare_data(task, config, run.skipped_images)
+    run.sizes = {split: len(ds) for split, ds in run.dsd.items()} | ({"train": run.stream[1]} if run.stream else {})
+    run.accelerator.print(
+        f"data: {config.data.dataset}: {len(run.spec.label_names)} classes; "
+        + ", ".join(f"{k} {v}" for k, v in run.sizes.items())
     )
+    return run
+
+
+def build_model(run: Run) -> Run:
+    """Fills model, processor (and zero_shot_state for WiSE-FT): the pretrained model with a head for the labels."""
+    config = run.config
     # new heads and adapters (LoRA's A matrices) are drawn from the global RNG: --seed decides them, not whatever
     # ran earlier in this process
     set_seed(config.train.seed)
-    model, processor = task.load_model(config.model, id2label)
+    run.model, run.processor = run.task.load_model(config.model, run.spec.id2label)
     if config.model.from_scratch:
-        model = random_init(model, config.train.seed)
-    zero_shot_state = wiseft.snapshot(model) if config.strategy.wise_ft_alpha else None
-    auto_lr = is_auto_lr(config.train.learning_rate)
-    # with --learning_rate auto the groups' rates are multipliers until the range test has picked the base rate
-    adapted = apply_strategy(model, task, config.strategy, 1.0 if auto_lr else config.train.learning_rate)
-    if config.train.gradient_checkpointing:
-        enable_activation_checkpointing(adapted.model)
-    accelerator.print(f"strategy {config.strategy.strategy}: {adapted.summary()}")
-    prepared = task.prepare(dsd, processor, config.data)
+        run.model = random_init(run.model, config.train.seed)
+    run.zero_shot_state = wiseft.snapshot(run.model) if config.strategy.wise_ft_alpha else None
+    return run
 
+
+def adapt(run: Run) -> Run:
+    """Fills adapted: the strategy's frozen, grouped or PEFT-wrapped model (hftl/strategies.py)."""
+    config = run.config
+    # with --learning_rate auto the groups' rates are multipliers until the range test has picked the base rate
+    lr = 1.0 if is_auto_lr(config.train.learning_rate) else config.train.learning_rate
+    run.adapted = apply_strategy(run.model, run.task, config.strategy, lr)
+    if config.train.gradient_checkpointing:
+        enable_activation_checkpointing(run.adapted.model)
+    run.accelerator.print(f"strategy {config.strategy.strategy}: {run.adapted.summary()}")
+    return run
+
+
+def train_model(run: Run, lr_find_only: bool = False) -> Run:
+    """Fills prepared, main_metric, greater, decoded, result: the transforms set, the fast paths chosen, the
+    learning-rate range test (`--learning_rate auto`; with `lr_find_only` only that, its suggestion in results),
+    the training loop run (hftl/trainer.py) with the best evaluation's weights kept; model is the trained one."""
+    config, task, accelerator, adapted, processor = run.config, run.task, run.accelerator, run.adapted, run.processor
+    dsd, spec, stream, id2label = run.dsd, run.spec, run.stream, run.spec.id2label
+    prepared = task.prepare(dsd, processor, config.data)
     if accelerator.is_main_process:
         Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
     if config.train.report_to not in ("none", "", None):
         accelerator.init_trackers("hftl", config=_flat_hparams(config))
 
-    main_metric = config.train.metric_for_best or task.main_metric
-    greater = not main_metric.endswith("loss") and task.greater_is_better
+    run.main_metric = main_metric = config.train.metric_for_best or task.main_metric
+    run.greater = greater = not main_metric.endswith("loss") and task.greater_is_better
     # --- fast paths (hftl/fastpaths/: processed_cache, probe_features, decoded_images) ---
     # splits whose transforms are deterministic are processed once and kept (tasks that say so)
     prepared = cache_processed(prepared, task.deterministic_splits(config.data))
@@ -163,8 +242,8 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
             accelerator.print(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
     # --- end fast paths ---
     # the probe's cached features are not images: no batch-level augmentation for them
-    train_collate = task.train_collate(config.data, len(names)) if probe is None else None
-    if auto_lr:
+    train_collate = task.train_collate(config.data, len(spec.label_names)) if probe is None else None
+    if is_auto_lr(config.train.learning_rate):
         found = range_test(
             task, train_adapted, train_ds, train_collate or collate, config.train, accelerator,
             steps=config.train.lr_find_steps,
@@ -172,7 +251,8 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
         plot = save_range_test(found, config.train.output_dir) if accelerator.is_main_process else None
         if lr_find_only:
             accelerator.print(f"suggested learning rate: {found.suggestion:.3g}  ({plot})")
-            return {"learning_rate": found.suggestion, "plot": str(plot)}
+            run.results = {"learning_rate": found.suggestion, "plot": str(plot)}
+            return run
         scale_learning_rate(train_adapted, found.suggestion)
         config.train.learning_rate = found.suggestion
         accelerator.print(f"learning rate (range test): {found.suggestion:.3g}")
@@ -191,41 +271,56 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
             main_metric,
             greater,
             train_collate_fn=train_collate,
+            processor=processor,
         )
-    model = accelerator.unwrap_model(adapted.model)
+    run.model = accelerator.unwrap_model(adapted.model)
     # train images skipped as they were read (a stream, or a train split too large to check up front)
     from accelerate.utils import gather_object
 
     read_bad = train_ds.skipped if stream is not None else task.unreadable_train_images()
     read_bad = sorted(set(gather_object(list(read_bad)))) if accelerator.num_processes > 1 else sorted(set(read_bad))
     if read_bad:
-        skipped_images["train"] = sorted(set(skipped_images.get("train", [])) | set(read_bad))
+        run.skipped_images["train"] = sorted(set(run.skipped_images.get("train", [])) | set(read_bad))
+    run.prepared, run.decoded, run.result = prepared, decoded, result
+    return run
 
+
+def test(run: Run) -> Run:
+    """Fills test_metrics, test_evaluator (and wise for WiSE-FT, which may replace model): the test split."""
+    config, task, accelerator, id2label = run.config, run.task, run.accelerator, run.spec.id2label
     eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
     test_loader = accelerator.prepare(
-        make_loader(prepared["test"], task.collate, eval_bs, False, config.train.seed, config.train.num_workers)
+        make_loader(run.prepared["test"], task.collate, eval_bs, False, config.train.seed, config.train.num_workers)
     )
-    test_metrics, test_evaluator = evaluate(task, accelerator.prepare(model), test_loader, accelerator, id2label)
-    wise = None
-    if zero_shot_state is not None:  # WiSE-FT: the best zero-shot/fine-tuned interpolation replaces the model
-        model, wise, test_metrics, test_evaluator = wiseft.choose(
-            task, model, zero_shot_state, prepared, dsd, processor, config, accelerator, id2label, main_metric,
-            greater, test_metrics,
+    run.test_metrics, run.test_evaluator = evaluate(
+        task, accelerator.prepare(run.model), test_loader, accelerator, id2label, run.processor
+    )
+    if run.zero_shot_state is not None:  # WiSE-FT: the best zero-shot/fine-tuned interpolation replaces the model
+        run.model, run.wise, run.test_metrics, run.test_evaluator = wiseft.choose(
+            task, run.model, run.zero_shot_state, run.prepared, run.dsd, run.processor, config, accelerator,
+            id2label, run.main_metric, run.greater, run.test_metrics,
         )  # fmt: skip
-    accelerator.print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if isinstance(v, float)))
+    accelerator.print(
+        "test: " + "  ".join(f"{k}={v:.4f}" for k, v in run.test_metrics.items() if isinstance(v, float))
+    )
+    return run
 
+
+def save(run: Run) -> Run:
+    """Fills results: the model folder (weights, processor, test artefacts, results file; hftl/outputs.py)."""
+    config, accelerator, result, decoded = run.config, run.accelerator, run.result, run.decoded
     results = {
-        "task": task.name,
-        "pipeline_tag": task.pipeline_tag,
+        "task": run.task.name,
+        "pipeline_tag": run.task.pipeline_tag,
         "model": config.model.model,
         "dataset": config.data.dataset,
         "strategy": config.strategy.strategy,
-        "metric_for_best": main_metric,
-        "labels": names,
-        "num_samples": sizes,
-        "skipped_images": skipped_images,
-        "trainable_parameters": adapted.trainable,
-        "total_parameters": adapted.total,
+        "metric_for_best": run.main_metric,
+        "labels": run.spec.label_names,
+        "num_samples": run.sizes,
+        "skipped_images": run.skipped_images,
+        "trainable_parameters": run.adapted.trainable,
+        "total_parameters": run.adapted.total,
         "train": {
             "seconds": round(result.train_seconds, 2),
             "samples_per_second": round(result.train_samples_per_second, 2),
@@ -234,31 +329,30 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
             "best_epoch": result.state.best_epoch,
             "weights": result.state.best_weights,
             "channels_last": result.channels_last,
-            "torch_threads": threads[0],
+            "torch_threads": run.threads[0],
             "decoded_images_mb": round(decoded.images.megabytes, 1) if decoded is not None else None,
         },
         "eval": {k.removeprefix("eval_"): v for k, v in result.best_metrics.items() if k.startswith("eval_")},
-        "test": test_metrics,
+        "test": run.test_metrics,
         "history": result.state.history,
-        **({"wise_ft": wise} if wise is not None else {}),
+        **({"wise_ft": run.wise} if run.wise is not None else {}),
         "hardware": _hardware(accelerator),
         "config": config.to_dict(),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = Path(config.train.output_dir)
-        test_evaluator.save_artifacts(out, "test")
-        save_model(model, processor, config.model.model, config.strategy.merge_lora, out)
-        plot_learning_curves(result.state.history, main_metric, out / CURVES_FILE)
-        results["run_seconds"] = round(time.perf_counter() - started, 2)
+        run.test_evaluator.save_artifacts(out, "test")
+        save_model(run.model, run.processor, config.model.model, config.strategy.merge_lora, out)
+        plot_learning_curves(result.state.history, run.main_metric, out / CURVES_FILE)
+        results["run_seconds"] = round(time.perf_counter() - run.started, 2)
         write_results(out, results)
         accelerator.print(f"saved {out}  (run {results['run_seconds']:.1f}s)")
     accelerator.wait_for_everyone()
     if config.train.report_to not in ("none", "", None):
         accelerator.end_training()
-    if accelerator.is_main_process:
-        publish(config, results)
-    return results
+    run.results = results
+    return run
 
 
 def scale_learning_rate(adapted, base_lr: float) -> None:
@@ -284,6 +378,11 @@ def random_init(model, seed: int):
 
 
 def publish(config: RunConfig, results: dict) -> None:
+    """Export, push to the Hub and publish a Space, as the options ask (main process only)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     if config.hub.export:  # before the push, which uploads the export folder and its Deploy section
         from hftl.export import export_model
 

@@ -190,6 +190,7 @@ def train(
     greater_is_better: bool = True,
     fingerprint: dict | None = None,
     train_collate_fn=None,
+    processor=None,
 ) -> TrainResult:
     """`fingerprint`: the caller's settings that decide the data (dataset, image size…); recorded in each
     checkpoint with the loop's own (batch size, accumulation, processes, split sizes, seed), and a resume with
@@ -325,7 +326,7 @@ def train(
         record = {"epoch": epoch + 1, "step": state.step, "train_loss": running.item() / max(counted, 1)}
         record["trainable_parameters"] = adapted.trainable_now()  # what trained this epoch (gradual unfreezing)
         if (epoch + 1) % args.eval_every_epochs == 0 or state.step >= total_steps:
-            metrics, _ = evaluate(task, model, eval_loader, accelerator, id2label)
+            metrics, _ = evaluate(task, model, eval_loader, accelerator, id2label, processor)
             record.update({f"eval_{k}": v for k, v in metrics.items() if _is_number(v)})
             accelerator.log({f"eval/{k}": v for k, v in metrics.items() if _is_number(v)}, step=state.step)
             accelerator.print(_format_record(record))
@@ -376,10 +377,11 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(task, model, loader, accelerator: Accelerator, id2label: dict):
-    """Metrics over the whole split, gathered across ranks; also returns the evaluator for its artifacts."""
+def evaluate(task, model, loader, accelerator: Accelerator, id2label: dict, processor=None):
+    """Metrics over the whole split, gathered across ranks; also returns the evaluator for its artifacts.
+    `processor`: the run's image processor, for evaluators that post-process or un-normalise with it."""
     model.eval()
-    evaluator = task.new_evaluator(id2label)
+    evaluator = task.new_evaluator(id2label, processor)
     losses = []
     for batch in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
         with accelerator.autocast():

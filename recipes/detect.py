@@ -12,7 +12,8 @@ Usage:
 Rows hold an image and an `objects` column {"bbox": [[x, y, w, h], ...], "category": [...]} (COCO boxes in pixels;
 --box_format xyxy|cxcywh for others; --label_column names another column). A timm classifier as --model (e.g. the
 bundled hftl/efficientnet-lite0) becomes the ImageNet backbone of a fresh Conditional DETR. Options come from a YAML
-file (--config) and are overridden by flags; see hftl/config.py.
+file (--config) and are overridden by flags; see hftl/config.py. `main()` below shows each step of a run
+(hftl/runner.py): copy this file and change the step you need.
 """
 
 import sys
@@ -20,8 +21,48 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from hftl import runner  # noqa: E402
+from hftl.config import parse_config  # noqa: E402
 from hftl.exits import run_or_exit  # noqa: E402
-from hftl.runner import run  # noqa: E402
+from hftl.tasks import task_args  # noqa: E402
+
+TASK = "detection"
+# the recipe's own defaults: a --config YAML file overrides them, flags override both
+DEFAULTS = {
+    "dataset": "hftl/shapes-detection",
+    "model": "hftl/efficientnet-lite0",
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # ---- options: the shared dataclasses plus the task's own (hftl/config.py, hftl/tasks/<task>/) ---------------
+    config = parse_config(argv, DEFAULTS, task_args(TASK))
+
+    # ---- setup: checks that fail fast (output folder, preflight), threads, the Accelerator, the task's hooks -----
+    run = runner.setup(TASK, config)
+
+    # ---- data: load (Hub id, folder, bundled), standard splits, label names, image checks → run.dsd, run.spec ----
+    runner.load_data(run)
+
+    # ---- model: pretrained weights with a head for the labels, and the image processor → run.model, .processor --
+    runner.build_model(run)
+
+    # ---- adapt: the strategy freezes, groups or wraps (PEFT) the parameters → run.adapted -------------------------
+    runner.adapt(run)
+
+    # ---- train: transforms, fast paths, the Accelerate loop (evaluation, best weights, checkpoints) → run.result --
+    runner.train_model(run)
+
+    # ---- test: the held-out split, through the processor that is saved → run.test_metrics -----------------------
+    runner.test(run)
+
+    # ---- save: a folder pipeline() loads, test artefacts, the results file → run.results ------------------------
+    runner.save(run)
+
+    # ---- publish: export, Hub push and demo Space, as the options ask (main process only) ------------------------
+    runner.publish(config, run.results)
+    return run.results
+
 
 if __name__ == "__main__":
-    run_or_exit(run, "detection", defaults={"dataset": "hftl/shapes-detection", "model": "hftl/efficientnet-lite0"})
+    run_or_exit(main)

@@ -16,7 +16,8 @@ Usage:
 
 Masks hold one class id per pixel. --reduce_labels true (0 = "other", ignored; k → k-1) and --ignore_index (default
 255) say how to read them; --id2label names the classes; --mask_palette reads RGB colour masks. Options come from
-a YAML file (--config) and are overridden by flags; see hftl/config.py.
+a YAML file (--config) and are overridden by flags; see hftl/config.py. `main()` below shows each step of a run
+(hftl/runner.py): copy this file and change the step you need.
 """
 
 import sys
@@ -24,22 +25,47 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from hftl import runner  # noqa: E402
 from hftl.config import parse_config  # noqa: E402
 from hftl.exits import run_or_exit  # noqa: E402
-from hftl.runner import run_config  # noqa: E402
 from hftl.tasks import task_args  # noqa: E402
 
+TASK = "segmentation"
 BUNDLED = {"semantic": "hftl/shapes-segmentation", "instance": "hftl/shapes-instances"}
+# the recipe's own defaults: a --config YAML file overrides them, flags override both
+DEFAULTS = {"dataset": BUNDLED["semantic"], "model": "hftl/efficientnet-lite0"}
 
 
-def main() -> dict:
-    config = parse_config(
-        defaults={"dataset": BUNDLED["semantic"], "model": "hftl/efficientnet-lite0"},
-        task_args=task_args("segmentation"),
-    )
+def main(argv: list[str] | None = None) -> dict:
+    # ---- options: the shared dataclasses plus the task's own (hftl/config.py, hftl/tasks/<task>/) ---------------
+    config = parse_config(argv, DEFAULTS, task_args(TASK))
     if config.data.dataset == BUNDLED["semantic"]:
         config.data.dataset = BUNDLED[config.task.subtask]  # the bundled set follows --subtask
-    return run_config("segmentation", config)
+
+    # ---- setup: checks that fail fast (output folder, preflight), threads, the Accelerator, the task's hooks -----
+    run = runner.setup(TASK, config)
+
+    # ---- data: load (Hub id, folder, bundled), standard splits, label names, image checks → run.dsd, run.spec ----
+    runner.load_data(run)
+
+    # ---- model: pretrained weights with a head for the labels, and the image processor → run.model, .processor --
+    runner.build_model(run)
+
+    # ---- adapt: the strategy freezes, groups or wraps (PEFT) the parameters → run.adapted -------------------------
+    runner.adapt(run)
+
+    # ---- train: transforms, fast paths, the Accelerate loop (evaluation, best weights, checkpoints) → run.result --
+    runner.train_model(run)
+
+    # ---- test: the held-out split, through the processor that is saved → run.test_metrics -----------------------
+    runner.test(run)
+
+    # ---- save: a folder pipeline() loads, test artefacts, the results file → run.results ------------------------
+    runner.save(run)
+
+    # ---- publish: export, Hub push and demo Space, as the options ask (main process only) ------------------------
+    runner.publish(config, run.results)
+    return run.results
 
 
 if __name__ == "__main__":

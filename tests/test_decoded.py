@@ -62,7 +62,7 @@ def test_decoded_items_match_the_per_epoch_pil_path():
         for index in range(len(dataset)):
             want, got = pil[index], decoded[index]
             assert got["pixel_values"].dtype == torch.uint8 and got["labels"] == want["labels"]
-            pixels = task.pixel_steps(got["pixel_values"][None])[0]
+            pixels = decoded.dataset.pixel_steps(got["pixel_values"][None])[0]
             difference = (pixels - want["pixel_values"]).abs()
             # torchvision's uint8 resize rounds like PIL's: at most a step of 1/255 (÷ std ≈ 0.02) apart here,
             # where another crop of a photo differs by ~1 on average

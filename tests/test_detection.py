@@ -319,7 +319,7 @@ def _untrained_map50(argv) -> float:
     test = task.prepare(dsd, processor, config.data)["test"]
     accelerator = Accelerator(cpu=True)
     loader = accelerator.prepare(make_loader(test, task.collate, 16, False, 0, 0))
-    metrics, _ = evaluate(task, accelerator.prepare(model), loader, accelerator, dict(enumerate(names)))
+    metrics, _ = evaluate(task, accelerator.prepare(model), loader, accelerator, dict(enumerate(names)), processor)
     return metrics["map_50"]
 
 
@@ -435,3 +435,22 @@ def test_two_rank_run_counts_every_test_image_once(tiny_detr_dir, big_shapes_fol
     predictions = json.loads((out / "test_predictions.json").read_text())
     assert len({p["image_id"] for p in predictions}) == 15
     assert len(predictions) == 15 * 10  # one per query and image: no duplicates from padding
+
+
+def test_the_pixel_mask_goes_only_to_detectors_that_read_it(tiny_detr_dir, tiny_detector_dir):
+    """Read off the model itself (through the PEFT wrapper), not remembered from load_model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForObjectDetection
+
+    from hftl.tasks.detection.task import takes_pixel_mask
+
+    detr = AutoModelForObjectDetection.from_pretrained(tiny_detr_dir)
+    yolos = AutoModelForObjectDetection.from_pretrained(tiny_detector_dir)
+    assert takes_pixel_mask(detr) and not takes_pixel_mask(yolos)
+    wrapped = get_peft_model(yolos, LoraConfig(r=2, target_modules=["query", "value"]))
+    assert not takes_pixel_mask(wrapped)
+    batch = DetectionTask.collate(
+        [{"pixel_values": torch.rand(3, 64, 64), "labels": {"class_labels": torch.tensor([0]),
+          "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}, "targets": {}, "orig_size": (64, 64), "image_id": 0}]
+    )  # fmt: skip
+    assert np.isfinite(DetectionTask().forward(wrapped, batch).loss.item())  # YOLOS without a pixel_mask argument

@@ -8,7 +8,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hftl.config import DataArgs
-from hftl.pixels import processor_pixels
+from hftl.modeling import processor_input_size
+from hftl.pixels import pixel_steps, processor_pixels
 from hftl.tasks.classification.task import ClassificationTask
 
 SIZE = 32
@@ -50,15 +51,16 @@ def test_training_pixels_equal_the_processor_output(family, tiny_timm_dir):
         Image.new("RGB", (SIZE,) * 2, "red"),
     ]
     task, prepared = _prepared_task(processor, images)
-    assert task.pixel_steps is not None, f"{family}: fell back to the processor"
+    steps = pixel_steps(processor, processor_input_size(processor))  # what prepare and decoded_train_split use
+    assert steps is not None, f"{family}: fell back to the processor"
     uint8 = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
     expected = processor_pixels(processor, images)
     # the decoded path (uint8 batches, through forward) and the per-epoch path both apply these steps
-    torch.testing.assert_close(task.pixel_steps(uint8), expected.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steps(uint8), expected.float(), atol=1e-4, rtol=1e-4)
     item = prepared["train"][0]["pixel_values"]
     assert item.shape == expected[0].shape and item.dtype == torch.float32
     if family == "mobilevit":
-        red = task.pixel_steps(uint8[1:]).mean((0, 2, 3))
+        red = steps(uint8[1:]).mean((0, 2, 3))
         assert red[2] > 0.9 and red[0] < 0.1  # red arrives in the last (BGR) channel, unnormalised
 
 
@@ -75,6 +77,6 @@ def test_a_processor_whose_steps_are_not_understood_is_called_itself(tiny_timm_d
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     with pytest.warns(UserWarning, match="Posterizing: its pixel steps are not understood"):
         task, prepared = _prepared_task(processor, [image])
-    assert task.pixel_steps is None
+    assert pixel_steps(processor, processor_input_size(processor)) is None
     pixels = prepared["train"][0]["pixel_values"]
     assert torch.equal(pixels, pixels.round())  # the processor's own output

@@ -280,7 +280,7 @@ def _test_split_mean_iou(model, processor) -> float:
     task.label_names(dsd.copy() | {"train": dsd["test"]}, data_args)
     prepared = task.prepare(add_row_numbers(dsd), processor, data_args)
     loader = make_loader(prepared["test"], task.collate, 4, False, 0, 0)
-    metrics, _ = evaluate(task, model.eval(), loader, Accelerator(cpu=True), ID2LABEL)
+    metrics, _ = evaluate(task, model.eval(), loader, Accelerator(cpu=True), ID2LABEL, processor)
     return metrics["mean_iou"]
 
 

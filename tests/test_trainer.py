@@ -56,7 +56,7 @@ class FakeTask(Task):
         prediction = model(batch["x"])
         return ModelOutput(loss=nn.functional.mse_loss(prediction, batch["y"]), prediction=prediction)
 
-    def new_evaluator(self, id2label):
+    def new_evaluator(self, id2label, processor=None):
         self.evaluators.append(MeanError())
         return self.evaluators[-1]
 

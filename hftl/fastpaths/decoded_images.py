@@ -183,16 +183,19 @@ def _map(path: Path) -> DecodedImages | None:
 
 
 class AugmentedDecodedSplit(torch.utils.data.Dataset):
-    """Items {"pixel_values": augmented uint8 (3, size, size), "labels": int} from decoded images."""
+    """Items {"pixel_values": augmented uint8 (3, size, size), "labels": int, "pixel_steps": PixelSteps} from decoded
+    images: each item names the steps that turn it into model input (`hftl.pixels`; the task's forward applies them
+    to the batch on the device), so nothing else has to remember them."""
 
-    def __init__(self, images: DecodedImages, labels: list[int], transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: DecodedImages, labels: list[int], transform, pixel_steps):
+        self.images, self.labels, self.transform, self.pixel_steps = images, labels, transform, pixel_steps
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.transform(self.images[index]), "labels": self.labels[index]}
+        pixels = self.transform(self.images[index])
+        return {"pixel_values": pixels, "labels": self.labels[index], "pixel_steps": self.pixel_steps}
 
 
 def normalize_uint8(pixels: torch.Tensor, mean, std) -> torch.Tensor:

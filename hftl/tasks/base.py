@@ -123,5 +123,6 @@ class Task:
         """Module-name suffixes for PEFT LoRA, by model family."""
         raise NotImplementedError
 
-    def new_evaluator(self, id2label: dict) -> Evaluator:
+    def new_evaluator(self, id2label: dict, processor=None) -> Evaluator:
+        """A fresh evaluator; `processor` is the run's image processor (post-processing, un-normalising)."""
         raise NotImplementedError

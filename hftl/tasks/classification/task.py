@@ -57,8 +57,6 @@ class ClassificationTask(Task):
         self.label_smoothing = config.train.label_smoothing if config is not None else 0.0
         self.image_column = None
         self.label_column = None
-        # uint8 → model input as the image processor computes it (hftl/pixels.py); None: the processor is called
-        self.pixel_steps = None
         self.unreadable: list[str] = []  # train images skipped as they were read (this process)
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -185,8 +183,8 @@ class ClassificationTask(Task):
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
         from torchvision.transforms import v2
 
-        self.pixel_steps = pixel_steps(processor, processor_input_size(processor))
-        if self.pixel_steps is None and data_args.augment:
+        steps = pixel_steps(processor, processor_input_size(processor))
+        if steps is None and data_args.augment:
             warnings.warn(
                 f"{type(processor).__name__}: its pixel steps are not understood here, so augmented training calls "
                 "the image processor itself on each cropped image (slower; the decoded-image cache is off).",
@@ -200,9 +198,9 @@ class ClassificationTask(Task):
         mixing = mixes(data_args)
 
         def augmented(image):
-            if self.pixel_steps is None:
+            if steps is None:
                 return erase(processor_pixels(processor, [crop_and_flip(image)])[0])
-            return self.pixel_steps(erase(v2.functional.pil_to_tensor(crop_and_flip(image))))
+            return steps(erase(v2.functional.pil_to_tensor(crop_and_flip(image))))
 
         def train_batch(batch):
             # train images are decoded here, so one that cannot be read is skipped (a large train split is not
@@ -237,16 +235,15 @@ class ClassificationTask(Task):
 
         if not data_args.augment:
             return None
-        if self.pixel_steps is None:  # prepare() sets them; None there means the processor must be called itself
-            self.pixel_steps = pixel_steps(processor, processor_input_size(processor))
-        if self.pixel_steps is None:
+        steps = pixel_steps(processor, processor_input_size(processor))
+        if steps is None:  # the processor must be called itself (prepare() warns)
             return None
         min_area = crop_min_area(processor_input_size(processor), data_args.crop_scale_min)
         images = decode_images(train, self.image_column, min_area, data_args.decoded_cache_max_mb)
         if images is None:
             return None
         augment = v2.Compose(_random_crop_and_flip(processor, data_args) + item_augmentations(data_args))
-        split = AugmentedDecodedSplit(images, list(train[self.label_column]), augment)
+        split = AugmentedDecodedSplit(images, list(train[self.label_column]), augment, steps)
         return WithMixSeed(split) if mixes(data_args) else split
 
     def unreadable_train_images(self) -> list[str]:
@@ -260,10 +257,13 @@ class ClassificationTask(Task):
 
     @staticmethod
     def collate(examples: list[dict]) -> dict:
-        return {
+        batch = {
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
         }
+        if "pixel_steps" in examples[0]:  # uint8 items (decoded_train_split) say how they become model input
+            batch["pixel_steps"] = examples[0]["pixel_steps"]
+        return batch
 
     def train_collate(self, data_args, num_classes: int):
         """`collate`, then MixUp/CutMix (soft labels) when asked for; train batches only."""
@@ -274,13 +274,13 @@ class ClassificationTask(Task):
 
     def forward(self, model, batch):
         pixels = batch["pixel_values"]
-        if pixels.dtype == torch.uint8:  # from decoded_train_split: the processor's steps, on the device, per batch
-            pixels = self.pixel_steps(pixels)
+        if pixels.dtype == torch.uint8:  # from decoded_train_split: its own steps, on the device, per batch
+            pixels = batch["pixel_steps"](pixels)
         outputs = model(pixel_values=pixels)
         outputs.loss = F.cross_entropy(outputs.logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
         return outputs
 
-    def new_evaluator(self, id2label: dict):
+    def new_evaluator(self, id2label: dict, processor=None):
         return ClassificationEvaluator(id2label)
 
 

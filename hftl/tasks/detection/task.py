@@ -10,6 +10,7 @@ Conditional DETR. The output folder loads with `pipeline("object-detection")`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -51,10 +52,7 @@ class DetectionTask(Task):
         self.image_column = None
         self.objects_column = None
         self.label_column = None  # no per-image class: few-shot sampling does not apply
-        self.processor = None
-        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         self.dropped_boxes = 0
-        self._takes_pixel_mask = True
 
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:
@@ -113,9 +111,6 @@ class DetectionTask(Task):
             if image_size:
                 set_processor_size(processor, image_size)
         mark_backbone_offline(model.config)
-        self.processor = processor
-        self.mean, self.std = processor_mean_std(processor)
-        self._takes_pixel_mask = "pixel_mask" in inspect.signature(model.forward).parameters
         return model, processor
 
     def backbone(self, model):
@@ -155,8 +150,6 @@ class DetectionTask(Task):
 
     # ---- preprocessing ----------------------------------------------------------------------------------------
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
-        self.processor = processor
-        self.mean, self.std = processor_mean_std(processor)
         augment = box_augmentation(data_args) if data_args.augment else None
         image_col, objects_col = self.image_column, self.objects_column
 
@@ -173,7 +166,7 @@ class DetectionTask(Task):
                     dropped += dropped_now
                 if dropped:
                     self._count_dropped(dropped)
-                pixel_values, labels = self._encode(image, boxes, classes, int(image_id))
+                pixel_values, labels = encode(processor, image, boxes, classes, int(image_id))
                 out["pixel_values"].append(pixel_values)
                 out["labels"].append(labels)
                 out["targets"].append(target)
@@ -187,18 +180,6 @@ class DetectionTask(Task):
                 for split, ds in dsd.items()
             }
         )
-
-    def _encode(self, image, boxes: np.ndarray, classes: np.ndarray, image_id: int):
-        """The image processor's own resize, normalisation and COCO box conversion."""
-        annotations = [
-            {"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": int(c), "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
-            for (x0, y0, x1, y1), c in zip(np.asarray(boxes, np.float64).tolist(), classes.tolist())
-        ]
-        encoded = self.processor(
-            images=image, annotations={"image_id": image_id, "annotations": annotations}, return_tensors="pt"
-        )
-        label = encoded["labels"][0]
-        return encoded["pixel_values"][0], {"class_labels": label["class_labels"], "boxes": label["boxes"]}
 
     def _count_dropped(self, count: int) -> None:
         before = self.dropped_boxes
@@ -231,15 +212,41 @@ class DetectionTask(Task):
 
     def forward(self, model, batch):
         inputs = {"pixel_values": batch["pixel_values"], "labels": batch["labels"]}
-        if self._takes_pixel_mask:
+        if takes_pixel_mask(model):
             inputs["pixel_mask"] = batch["pixel_mask"]
         return model(**inputs)
 
-    def new_evaluator(self, id2label: dict):
-        return DetectionEvaluator(id2label, self.processor, self.mean, self.std)
+    def new_evaluator(self, id2label: dict, processor=None):
+        return DetectionEvaluator(id2label, processor, *processor_mean_std(processor))
 
 
 # ---- processor and config helpers ----------------------------------------------------------------------------------
+def encode(processor, image, boxes: np.ndarray, classes: np.ndarray, image_id: int):
+    """The image processor's own resize, normalisation and COCO box conversion."""
+    annotations = [
+        {"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": int(c), "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+        for (x0, y0, x1, y1), c in zip(np.asarray(boxes, np.float64).tolist(), classes.tolist())
+    ]
+    encoded = processor(
+        images=image, annotations={"image_id": image_id, "annotations": annotations}, return_tensors="pt"
+    )
+    label = encoded["labels"][0]
+    return encoded["pixel_values"][0], {"class_labels": label["class_labels"], "boxes": label["boxes"]}
+
+
+def takes_pixel_mask(model) -> bool:
+    """Whether the detector's forward reads a pixel mask (DETR family) or not (YOLOS), looked through the DDP,
+    compile and PEFT wrappers the trainer may have put around it."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return _forward_takes(type(peft_base(extract_model_from_parallel(model))), "pixel_mask")
+
+
+@functools.cache
+def _forward_takes(model_class: type, name: str) -> bool:
+    return name in inspect.signature(model_class.forward).parameters
+
+
 def set_processor_size(processor, size: int) -> None:
     """Longest side `size`, aspect kept (fixed square for processors that only know height/width)."""
     if "height" in (processor.size or {}):

@@ -21,10 +21,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from hftl.data import IMAGE_COLUMN_NAMES
 from hftl.synthetic import SHAPE_CLASSES, make_shapes
 from hftl.tasks.detection import data as detection_data
 
-IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture")
 OBJECTS_COLUMN_NAMES = ("objects", "annotations", "segments")
 ANNOTATION_COLUMN_NAMES = ("annotation", "instance_mask", "label", "mask")
 SEGMENTATION_KEYS = ("segmentation", "segmentations", "mask", "masks")

@@ -45,8 +45,6 @@ class InstanceSegmentationTask(Task):
         self.layout = None
         self.label_column = None  # no per-image class: few-shot sampling does not apply
         self.num_labels = None
-        self.processor = None
-        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         self.dropped_instances = 0
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -104,8 +102,6 @@ class InstanceSegmentationTask(Task):
 
         mark_backbone_offline(model.config)
         model.config.hftl_subtask = self.subtask  # the Space and predict pick the instance post-processing
-        self.processor = processor
-        self.mean, self.std = processor_mean_std(processor)
         return model, processor
 
     def backbone(self, model):
@@ -121,14 +117,12 @@ class InstanceSegmentationTask(Task):
     def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
         from torchvision.transforms import v2
 
-        self.processor = processor
-        self.mean, self.std = processor_mean_std(processor)
         size = processor_input_size(processor)
         geometric = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
         if data_args.hflip:
             geometric.insert(0, v2.RandomHorizontalFlip())
         augment = v2.Compose(geometric) if data_args.augment else v2.Resize((size, size), antialias=True)
-        normalise = v2.Normalize(self.mean, self.std)
+        normalise = v2.Normalize(*processor_mean_std(processor))
         columns = (self.image_column, self.annotation_column, self.layout, self.num_labels)
 
         def rows(batch, split):
@@ -227,8 +221,8 @@ class InstanceSegmentationTask(Task):
             pixel_values=batch["pixel_values"], mask_labels=batch["mask_labels"], class_labels=batch["class_labels"]
         )
 
-    def new_evaluator(self, id2label: dict):
-        return InstanceEvaluator(id2label, self.processor, self.mean, self.std)
+    def new_evaluator(self, id2label: dict, processor=None):
+        return InstanceEvaluator(id2label, processor, *processor_mean_std(processor))
 
 
 TASK = InstanceSegmentationTask

@@ -66,7 +66,6 @@ class SegmentationTask(Task):
         self.local_label_file = None
         self.palette = None
         self.num_labels = None
-        self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         self.mask_classification = False  # Mask2Former / MaskFormer: class + mask queries, their own loss
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -207,14 +206,14 @@ class SegmentationTask(Task):
         from torchvision.transforms import v2
 
         size = processor_input_size(processor)
-        self.mean, self.std = processor_mean_std(processor)
+        mean, std = processor_mean_std(processor)
         # Geometric steps see the image and its mask together: the same crop and flip, nearest for masks.
         geometric = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
         if data_args.hflip:
             geometric.append(v2.RandomHorizontalFlip())
         to_model = [
             v2.ToDtype(dtype={tv_tensors.Image: torch.float32, "others": None}, scale=True),
-            v2.Normalize(self.mean, self.std),
+            v2.Normalize(mean, std),
         ]
         augment = v2.Compose(geometric + to_model)
         plain = v2.Compose([v2.Resize((size, size), antialias=True)] + to_model)
@@ -274,8 +273,9 @@ class SegmentationTask(Task):
         outputs.loss = full_resolution_loss(outputs.logits, list(labels), self.ignore_index)
         return outputs
 
-    def new_evaluator(self, id2label: dict):
-        return SegmentationEvaluator(id2label, self.ignore_index, self.mean, self.std)
+    def new_evaluator(self, id2label: dict, processor=None):
+        mean_std = processor_mean_std(processor) if processor is not None else ()
+        return SegmentationEvaluator(id2label, self.ignore_index, *mean_std)
 
 
 def mask_classification_forward(model, pixel_values: torch.Tensor, labels, ignore_index: int):
