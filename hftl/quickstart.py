@@ -14,6 +14,7 @@ from pathlib import Path
 
 QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "classification" / "quickstart.yaml"
 REPO_ID = "hftl/digits-efficientnet-lite0"
+QUICKSTART_DATASET = "hftl/digits"
 
 
 def default_data_dir() -> Path:
@@ -21,6 +22,7 @@ def default_data_dir() -> Path:
 
 
 def quickstart(port: int, data_dir: str | Path, train_argv: list[str]) -> dict:
+    from hftl.bundled import EFFICIENTNET_LITE0
     from hftl.hub.seed import seed_hub
     from hftl.hub.serving import start_in_thread
     from hftl.predict import format_predictions, predict
@@ -28,13 +30,15 @@ def quickstart(port: int, data_dir: str | Path, train_argv: list[str]) -> dict:
 
     hub = start_in_thread(data_dir, port=port)
     print(f"local Hub: {hub.url} (data in {data_dir})")
-    seed_hub()
+    # only what this run reads: seeding every bundled set would first convert and upload Fashion-MNIST's 70k
+    # images (`hftl hub seed` does that)
+    seed_hub(models=[EFFICIENTNET_LITE0], datasets=[QUICKSTART_DATASET])
     argv = ["--config", str(QUICKSTART_CONFIG), "--push_to_hub", "--hub_model_id", REPO_ID, *train_argv]
     results = run("classification", argv)
 
     from hftl.bundled import load_bundled_dataset
 
-    test = load_bundled_dataset("hftl/digits")["test"].select(range(5))
+    test = load_bundled_dataset(QUICKSTART_DATASET)["test"].select(range(5))
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for i, (image, label) in enumerate(zip(test["image"], test["label"])):
