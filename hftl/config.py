@@ -294,9 +294,15 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict, task_args: type | None = None) -> RunConfig:
         """The inverse of `to_dict` (e.g. the `config` a run wrote into its results file); `task_args` is the
-        task's options dataclass, where it has one."""
-        groups = (group_cls(**values[group]) for group, group_cls in zip(GROUPS, CONFIG_CLASSES, strict=True))
-        return cls(*groups, task=task_args(**values.get("task", {})) if task_args is not None else None)
+        task's options dataclass, where it has one. Results written before the task-only options moved out of
+        `data` (box_format, reduce_labels, …) still load: options a group no longer has are left out."""
+
+        def build(group_cls, given: dict):
+            known = {f.name for f in fields(group_cls)}
+            return group_cls(**{k: v for k, v in given.items() if k in known})
+
+        groups = (build(group_cls, values[group]) for group, group_cls in zip(GROUPS, CONFIG_CLASSES, strict=True))
+        return cls(*groups, task=build(task_args, values.get("task", {})) if task_args is not None else None)
 
 
 def config_file_values(parser, argv: list[str], defaults: dict | None = None) -> dict:

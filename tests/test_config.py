@@ -81,6 +81,17 @@ def test_task_options_belong_to_their_task(tmp_path):
         parse_config(["--config", str(path)], task_args=task_args("segmentation"))
 
 
+def test_results_written_before_options_moved_to_their_task_still_load():
+    from hftl.config import RunConfig
+
+    old = parse_config([]).to_dict()
+    old["data"] |= {"box_format": "coco", "reduce_labels": None, "ignore_index": 255, "mask_palette": None}
+    config = RunConfig.from_dict(old)
+    assert config.data.dataset == "hftl/digits" and config.task is None
+    detection = parse_config(["--box_format", "xyxy"], task_args=task_args("detection"))
+    assert RunConfig.from_dict(detection.to_dict(), task_args("detection")).task.box_format == "xyxy"
+
+
 def test_choices_are_checked_from_flags_and_from_yaml(tmp_path):
     with pytest.raises(ValueError, match="invalid choice.*cxcywh"):
         parse_config(["--box_format", "xywh"], task_args=task_args("detection"))
