@@ -16,6 +16,10 @@ from hftl.export.runtime import REPORT_FILE, Session, load_runtime_model
 from hftl.runner import run
 from hftl.spaces.builder import default_examples
 
+# ONNX Runtime and OpenVINO load their own thread pools into the process: these tests run in a pytest process of
+# their own (README's test command), after a SIGSEGV once followed them in one process with the training tests
+pytestmark = pytest.mark.export
+
 FAST = {"bench_iters": (3, 1), "threads": 1}
 
 
