@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from hftl.runner import run
 from tests.fixtures.data import classification_argv as _argv
+from tests.fixtures.data import launch_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,11 +228,7 @@ def test_hub_model_check_names_the_fix(local_hub, tiny_vit_dir, monkeypatch):
 @pytest.mark.slow
 def test_two_ranks_gather_every_test_image_once(tiny_vit_dir, colour_folder, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd = [*launch, str(REPO / "recipes" / "classify.py"), *_argv(colour_folder, tiny_vit_dir, out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_ranks(REPO / "recipes" / "classify.py", *_argv(colour_folder, tiny_vit_dir, out))
     results = json.loads((out / "all_results.json").read_text())
     assert "2 process(es)" in results["hardware"]
     assert results["test"]["num_samples"] == 16  # 16 test images, none duplicated by the sampler's padding

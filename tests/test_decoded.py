@@ -15,6 +15,7 @@ from hftl.config import parse_config
 from hftl.fastpaths.decoded_images import crop_min_area, decode_images, normalize_uint8, stored_size
 from hftl.tasks import get_task
 from hftl.trainer import SeededItems, make_loader
+from tests.fixtures.data import launch_two_ranks
 
 
 def _dataset(images: list[Image.Image], fmt: str = "PNG") -> Dataset:
@@ -204,18 +205,10 @@ with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.json"), "w
 @pytest.mark.slow
 def test_two_ranks_share_one_decoded_file_written_once(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "shared.py"
     script.write_text(SHARED_CACHE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    proc = subprocess.run([*launch, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_ranks(script, tmp_path, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["writes"] for r in ranks] == [1, 0]  # decoded once, by the node's main process
     assert ranks[0]["file"] == ranks[1]["file"]  # and both ranks map that one file

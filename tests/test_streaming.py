@@ -2,9 +2,6 @@
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hftl.streaming import StreamedSplit
+from tests.fixtures.data import launch_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,11 +101,7 @@ def test_streamed_run_trains_and_resumes_exactly(tiny_vit_dir, colour_folder, tm
 @pytest.mark.slow
 def test_streamed_run_under_two_processes(tiny_vit_dir, colour_folder, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd = [*launch, str(REPO / "recipes" / "classify.py"), *_argv(colour_folder, tiny_vit_dir, out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_ranks(REPO / "recipes" / "classify.py", *_argv(colour_folder, tiny_vit_dir, out))
     results = json.loads((out / "all_results.json").read_text())
     assert "2 process(es)" in results["hardware"]
     assert results["train"]["steps"] == 2 * 3  # 43 rows: 21 per rank, 3 batches of 8 per epoch
