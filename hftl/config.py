@@ -109,6 +109,14 @@ class StrategyArgs:
     layer_decay: float | None = field(
         default=None, metadata={"help": "Layer-wise LR decay (full, gradual-unfreeze): lr × decay^(depth from top)."}
     )
+    freeze_lowest_levels: int = field(
+        default=0,
+        metadata={
+            "help": "full, gradual-unfreeze: keep the N lowest depth levels frozen (1: the stem; 2: the stem and the "
+            "first block or stage; ...). Their weight gradients are never computed: faster steps where the "
+            "early high-resolution layers dominate (CNNs on CPU, bench/), at the cost of adapting them."
+        },
+    )
     unfreeze_every: int = field(
         default=1, metadata={"help": "gradual-unfreeze: epochs between unfreezing the next block group."}
     )
@@ -429,6 +437,13 @@ def validate(config: RunConfig) -> None:
         parse_alphas(config.strategy.wise_ft_alpha, config.strategy)
     if config.hub.export not in (None, "onnx", "openvino") or config.hub.export_quantize not in (None, "int8"):
         raise ValueError("--export must be onnx or openvino, and --export_quantize int8 (or unset).")
+    if config.strategy.freeze_lowest_levels < 0 or (
+        config.strategy.freeze_lowest_levels and config.strategy.strategy not in ("full", "gradual-unfreeze")
+    ):
+        raise ValueError(
+            f"--freeze_lowest_levels takes a number >= 0, with --strategy full or gradual-unfreeze "
+            f"(got {config.strategy.freeze_lowest_levels} with {config.strategy.strategy})."
+        )
     if config.data.shots is not None and config.data.shots < 1:
         raise ValueError("--shots must be a positive number of images per class.")
     # a value argparse accepts but the run cannot use: refused here, naming the option and what it takes, rather

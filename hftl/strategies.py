@@ -117,6 +117,10 @@ def apply_strategy(model: nn.Module, task, args: StrategyArgs, learning_rate: fl
         body = [n for n, p in model.named_parameters() if n not in head and p.requires_grad]
         depth = depth_levels(body)
         top = max(depth.values(), default=0)
+        if args.freeze_lowest_levels:
+            frozen = {n for n in body if depth[n] < args.freeze_lowest_levels}
+            _freeze_all_but(model, {n for n, p in model.named_parameters() if p.requires_grad} - frozen)
+            body = [n for n in body if n not in frozen]
         decay = args.layer_decay if args.layer_decay is not None else (0.7 if strategy == "gradual-unfreeze" else 1.0)
         lr_of = {n: learning_rate * decay ** (top + 1 - depth[n]) for n in body}
         lr_of.update({n: learning_rate * args.head_lr_scale for n in head})

@@ -136,6 +136,30 @@ def test_layer_decay_gives_lower_rates_to_lower_layers(tiny_vit_dir):
     assert lr_of["vit.embeddings.patch_embeddings.projection.weight"] < lr_of["vit.layers.0.attention.q_proj.weight"]
 
 
+def test_freeze_lowest_levels_keeps_the_stem_and_first_block_out_of_training(tiny_vit_dir):
+    from transformers import AutoModelForImageClassification
+
+    from hftl.config import DataArgs, HubArgs, ModelArgs, RunConfig, StrategyArgs, TrainArgs, validate
+    from hftl.strategies import apply_strategy
+    from hftl.tasks.classification.task import ClassificationTask
+
+    model = AutoModelForImageClassification.from_pretrained(tiny_vit_dir)
+    adapted = apply_strategy(model, ClassificationTask(), StrategyArgs(strategy="full", freeze_lowest_levels=2), 1.0)
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    in_groups = {name for g in adapted.param_groups for name, _ in g["named_params"]}
+    assert not grads["vit.embeddings.patch_embeddings.projection.weight"]
+    assert not grads["vit.layers.0.attention.q_proj.weight"]
+    assert grads["vit.layers.1.attention.q_proj.weight"] and grads["classifier.weight"]
+    assert in_groups == {name for name, trains in grads.items() if trains}
+    assert adapted.trainable < adapted.total
+    with pytest.raises(ValueError, match="--freeze_lowest_levels .* full or gradual-unfreeze"):
+        validate(
+            RunConfig(
+                DataArgs(), ModelArgs(), StrategyArgs(strategy="lora", freeze_lowest_levels=1), TrainArgs(), HubArgs()
+            )
+        )
+
+
 @pytest.mark.device
 def test_resume_continues_to_the_same_weights(tiny_vit_dir, colour_folder, tmp_path):
     common = ["--checkpointing_steps", "3", "--checkpoints_total_limit", "20", "--num_epochs", "2"]
