@@ -25,6 +25,7 @@ import sys
 
 from hftl.export import RUNTIMES
 from hftl.export import add_arguments as add_export_arguments
+from hftl.log import console
 
 TRAIN_TASKS = ("classification", "detection", "segmentation")
 LOCAL_ENDPOINT = "http://127.0.0.1:8765"
@@ -125,6 +126,7 @@ def _pop_endpoint(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    console()
     # train and hub serve hand their options to their own parsers (which have their own --help)
     if argv[:1] == ["train"] and len(argv) > 1 and argv[1] in TRAIN_TASKS:
         endpoint, rest = _pop_endpoint(argv[2:])
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         from hftl.runner import lr_find
 
         task = rest.pop(0) if rest[:1] and rest[0] in TRAIN_TASKS else "classification"
-        print(lr_find(task, rest)["learning_rate"])
+        print(lr_find(task, rest)["learning_rate"])  # noqa: T201 (the result: stdout alone is the rate)
         return 0
     if argv[:1] == ["quickstart"]:
         return _quickstart(argv[1:])
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ValueError, OSError, RuntimeError) as error:
-        print(f"hftl {args.command}: error: {error}", file=sys.stderr)
+        print(f"hftl {args.command}: error: {error}", file=sys.stderr)  # noqa: T201 (argparse-style error line)
         return 1
 
 
@@ -184,7 +186,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from hftl.predict import format_predictions, predict
 
         found = predict(args.model, args.images, top_k=args.top_k, task=args.task, runtime=args.runtime)
-        print(format_predictions(args.images, found))
+        print(format_predictions(args.images, found))  # noqa: T201 (the result)
     elif args.command == "export":
         from hftl.export import export_model
 
@@ -198,11 +200,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.hub_model_id,
             args.images,
         )
-        print(out)
+        print(out)  # noqa: T201 (the result: the export folder)
     elif args.command == "push":
         from hftl.hub.push import push_run
 
-        print(
+        print(  # noqa: T201 (the result: the commit URL)
             push_run(args.output_dir, args.repo_id, private=args.private, revision=args.revision, license=args.license)
         )
     elif args.command == "hub":  # serve is handled before parsing
@@ -216,7 +218,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "space":
         from hftl.spaces import publish_space
 
-        print(publish_space(args.model, args.space, task=args.task, private=args.private))
+        print(publish_space(args.model, args.space, task=args.task, private=args.private))  # noqa: T201 (the URL)
     return 0
 
 

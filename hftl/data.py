@@ -13,6 +13,10 @@ from collections import defaultdict
 
 from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets
 
+from hftl.log import get_logger
+
+logger = get_logger(__name__)
+
 # conventional names of the image column, in the order they are preferred when a dataset has several
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
 # each row's number before any subsampling: an image id where the data has none, and a row to name in errors
@@ -79,7 +83,7 @@ def standard_splits(dsd: DatasetDict, data_args, seed: int, stratify_column: str
     if validation is None:
         train, validation = carve_validation(train, data_args.validation_fraction, seed, stratify_column)
     if test is None:
-        print("No test split: test metrics are computed on the validation split.")
+        logger.info("No test split: test metrics are computed on the validation split.")
         test = validation
     out = DatasetDict({"train": train, "validation": validation, "test": test})
     for split, ds in out.items():

@@ -26,10 +26,10 @@ def run_or_exit(function, *args, **kwargs):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         if launched_by_accelerate():
-            print(
+            print(  # noqa: T201 (the run's last words: shown whether or not logging is set up)
                 "hftl stopped before finishing; accelerate launch shows its own traceback after this "
                 "(`accelerate launch --quiet` hides it). The reason:",
                 file=sys.stderr,
             )
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)  # noqa: T201 (as above)
         sys.exit(EXIT_CODE)

@@ -16,7 +16,10 @@ from datasets import DatasetDict
 from datasets import Image as ImageFeature
 from PIL import Image, UnidentifiedImageError
 
+from hftl.log import get_logger
 from hftl.system import cores_per_local_process
+
+logger = get_logger(__name__)
 
 BATCH_ROWS = 1024  # encoded images held at once per split (x the pool's threads in flight)
 SHOWN = 10  # bad files named per split in an error message
@@ -46,7 +49,7 @@ def check_images(
     limit = UP_FRONT_MAX_ROWS if up_front_max_rows is None else up_front_max_rows
     deferred = "train" in dsd and len(dsd["train"]) > limit
     if deferred:
-        print(
+        logger.info(
             f"train: {len(dsd['train'])} rows, over {limit}: its images are checked as they are read (unreadable ones "
             "skipped and named in all_results.json), not before training."
         )
@@ -76,7 +79,7 @@ def check_images(
     if skipped:
         unique = len({name for names in skipped.values() for name in names})
         per_split = ", ".join(f"{split} {len(names)}" for split, names in skipped.items())
-        print(
+        logger.info(
             f"Skipping {unique} unreadable image(s) ({per_split}); named in all_results.json under 'skipped_images'."
         )
     return DatasetDict(out), skipped
@@ -92,7 +95,7 @@ def decode_readable(items: list, labels: list, skipped: list) -> tuple[list, lis
                 item = ImageFeature().decode_example(item)  # exactly as datasets decodes it
             except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError):
                 skipped.append(describe(item))
-                print(f"skipped an unreadable image: {describe(item)}")
+                logger.info(f"skipped an unreadable image: {describe(item)}", main_process_only=False)
                 continue
         images.append(item)
         kept.append(label)

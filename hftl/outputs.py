@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch
 
+from hftl.log import get_logger
+
+logger = get_logger(__name__)
+
 RESULTS_FILE = "all_results.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -45,9 +49,7 @@ def save_model(model, processor, base_model: str, merge_lora: bool, out: Path) -
     if hasattr(model, "peft_config") and getattr(model.get_base_model(), "hftl_converted", False):
         # the adapter's base would be the timm classifier, but the detector/decoder around it exists only in this
         # run: an adapter nobody can load is not offered (strategies._wrap_peft refuses --merge_lora false up front)
-        from accelerate.logging import get_logger
-
-        get_logger(__name__).warning(
+        logger.warning(
             "LoRA adapter not saved: its base is hftl's conversion of the timm classifier, which no hub holds; "
             "the merged model is the result.",
             main_process_only=False,

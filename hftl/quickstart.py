@@ -12,6 +12,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from hftl.log import get_logger
+
+logger = get_logger(__name__)
+
 QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "classification" / "quickstart.yaml"
 REPO_ID = "hftl/digits-efficientnet-lite0"
 QUICKSTART_DATASET = "hftl/digits"
@@ -29,7 +33,7 @@ def quickstart(port: int, data_dir: str | Path, train_argv: list[str]) -> dict:
     from hftl.runner import run
 
     hub = start_in_thread(data_dir, port=port)
-    print(f"local Hub: {hub.url} (data in {data_dir})")
+    logger.info(f"local Hub: {hub.url} (data in {data_dir})")
     # only what this run reads: seeding every bundled set would first convert and upload Fashion-MNIST's 70k
     # images (`hftl hub seed` does that)
     seed_hub(models=[EFFICIENTNET_LITE0], datasets=[QUICKSTART_DATASET])
@@ -44,9 +48,9 @@ def quickstart(port: int, data_dir: str | Path, train_argv: list[str]) -> dict:
         for i, (image, label) in enumerate(zip(test["image"], test["label"])):
             paths.append(str(Path(folder) / f"digit-{i}-true-{label}.png"))
             image.resize((64, 64)).save(paths[-1])
-        print(f"pulled {REPO_ID} back from {hub.url} and predicted:")
-        print(format_predictions([Path(p).name for p in paths], predict(REPO_ID, paths, top_k=1)))
-    print(
+        logger.info(f"pulled {REPO_ID} back from {hub.url} and predicted:")
+        logger.info(format_predictions([Path(p).name for p in paths], predict(REPO_ID, paths, top_k=1)))
+    logger.info(
         f"test accuracy {results['test']['accuracy']:.4f}. Keep serving with:\n"
         f"  hftl hub serve --data-dir {data_dir} --port {port} &\n"
         f"  hftl predict --endpoint http://127.0.0.1:{port} --model {REPO_ID} IMAGE"

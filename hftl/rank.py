@@ -32,6 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hftl.log import get_logger
+
+logger = get_logger(__name__)
+
 PROXIES = ("knn_accuracy", "logme", "linear_probe_accuracy")
 COLUMNS = ["model", *PROXIES, "feature_seconds", "parameters", "imagenet_accuracy", "feature_dim", "train_samples"]
 
@@ -195,7 +199,7 @@ def rank_models(models: list[str], config, knn_k: int = 10) -> list[dict]:
     rows = []
     for name in models:
         rows.append(score_candidate(task, name, dsd, spec, config, accelerator, knn_k))
-        print(f"rank: {name}: " + "  ".join(f"{p}={rows[-1][p]:.4f}" for p in PROXIES), flush=True)
+        logger.info(f"rank: {name}: " + "  ".join(f"{p}={rows[-1][p]:.4f}" for p in PROXIES))
     return sorted(rows, key=lambda r: (-r["knn_accuracy"], -r["logme"]))
 
 
@@ -267,7 +271,7 @@ def parse_rank_config(argv: list[str] | None = None):
     parser = HfArgumentParser(RankArgs, allow_abbrev=False)
     if "-h" in argv or "--help" in argv:
         parser.print_help()
-        print("\nRun options (data, image size, batch size, ...):\n")
+        print("\nRun options (data, image size, batch size, ...):\n")  # noqa: T201 (--help text, after print_help)
         HfArgumentParser(CONFIG_CLASSES).print_help()
         raise SystemExit(0)
     args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
@@ -284,8 +288,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, models, config = parse_rank_config(argv)
     rows = rank_models(models, config, args.knn_k)
     table = write_rank(rows, args.rank_dir)
-    print(markdown_table(rows))
-    print(f"written: {table}")
+    print(markdown_table(rows))  # noqa: T201 (the command's result, on stdout for a pipe)
+    logger.info(f"written: {table}")
     return rows
 
 
@@ -322,5 +326,5 @@ def compare_agreement(args, base, leaderboard: list[dict], knn_k: int = 10) -> d
         f"How far to trust it here: each proxy against the best fine-tuned test accuracy per model\n\n"
         f"{agreement_markdown(result)}\n"
     )
-    print(agreement_markdown(result))
+    logger.info(agreement_markdown(result))
     return result

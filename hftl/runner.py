@@ -23,6 +23,7 @@ from hftl.data import load_dataset_dict, standard_splits, subsample
 from hftl.fastpaths import probe_features
 from hftl.fastpaths.processed_cache import cache_processed
 from hftl.image_check import check_images
+from hftl.log import console, get_logger
 from hftl.lr_find import range_test, save_range_test
 from hftl.outputs import save_model, write_results
 from hftl.preflight import preflight
@@ -30,6 +31,8 @@ from hftl.strategies import Adapted, apply_strategy, enable_activation_checkpoin
 from hftl.system import configure_threads
 from hftl.tasks import DataSpec, Task, get_task, task_args
 from hftl.trainer import evaluate, make_loader, train
+
+logger = get_logger(__name__)
 
 
 def run(task_name: str, argv: list[str] | None = None, defaults: dict | None = None) -> dict:
@@ -152,12 +155,14 @@ def run_config(task_name: str, config: RunConfig, lr_find_only: bool = False) ->
 
 
 def setup(task_name: str, config: RunConfig) -> Run:
-    """Checks that fail fast (output folder, preflight), torch threads, the Accelerator and the task object."""
+    """Console logging, checks that fail fast (output folder, preflight), torch threads, the Accelerator and the
+    task object."""
+    console()
     _check_output_dir(config)
     preflight(config)
     threads = configure_threads(config.train.num_threads)
     accelerator = _make_accelerator(config)
-    accelerator.print(f"torch threads: {threads[0]} ({threads[1]})")
+    logger.info(f"torch threads: {threads[0]} ({threads[1]})")
     return Run(task_name, config, get_task(task_name, config), accelerator, threads)
 
 
@@ -172,7 +177,7 @@ def load_data(run: Run) -> Run:
         else:
             run.dsd, run.spec = prepare_data(task, config, run.skipped_images)
     run.sizes = {split: len(ds) for split, ds in run.dsd.items()} | ({"train": run.stream[1]} if run.stream else {})
-    run.accelerator.print(
+    logger.info(
         f"data: {config.data.dataset}: {len(run.spec.label_names)} classes; "
         + ", ".join(f"{k} {v}" for k, v in run.sizes.items())
     )
@@ -200,7 +205,7 @@ def adapt(run: Run) -> Run:
     run.adapted = apply_strategy(run.model, run.task, config.strategy, lr)
     if config.train.gradient_checkpointing:
         enable_activation_checkpointing(run.adapted.model)
-    run.accelerator.print(f"strategy {config.strategy.strategy}: {run.adapted.summary()}")
+    logger.info(f"strategy {config.strategy.strategy}: {run.adapted.summary()}")
     return run
 
 
@@ -239,7 +244,7 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
         if decoded is not None:  # augmented epochs from images decoded once (hftl/fastpaths/decoded_images.py)
             train_ds = decoded
-            accelerator.print(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
+            logger.info(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
     # --- end fast paths ---
     # the probe's cached features are not images: no batch-level augmentation for them
     train_collate = task.train_collate(config.data, len(spec.label_names)) if probe is None else None
@@ -250,12 +255,12 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
         )  # fmt: skip
         plot = save_range_test(found, config.train.output_dir) if accelerator.is_main_process else None
         if lr_find_only:
-            accelerator.print(f"suggested learning rate: {found.suggestion:.3g}  ({plot})")
+            logger.info(f"suggested learning rate: {found.suggestion:.3g}  ({plot})")
             run.results = {"learning_rate": found.suggestion, "plot": str(plot)}
             return run
         scale_learning_rate(train_adapted, found.suggestion)
         config.train.learning_rate = found.suggestion
-        accelerator.print(f"learning rate (range test): {found.suggestion:.3g}")
+        logger.info(f"learning rate (range test): {found.suggestion:.3g}")
     if config.strategy.strategy == "zero-shot":
         result = zeroshot.evaluate_only(task, adapted.model, eval_ds, collate, config, accelerator, id2label)
     else:
@@ -300,9 +305,7 @@ def test(run: Run) -> Run:
             task, run.model, run.zero_shot_state, run.prepared, run.dsd, run.processor, config, accelerator,
             id2label, run.main_metric, run.greater, run.test_metrics,
         )  # fmt: skip
-    accelerator.print(
-        "test: " + "  ".join(f"{k}={v:.4f}" for k, v in run.test_metrics.items() if isinstance(v, float))
-    )
+    logger.info("test: " + "  ".join(f"{k}={v:.4f}" for k, v in run.test_metrics.items() if isinstance(v, float)))
     return run
 
 
@@ -347,7 +350,7 @@ def save(run: Run) -> Run:
         plot_learning_curves(result.state.history, run.main_metric, out / CURVES_FILE)
         results["run_seconds"] = round(time.perf_counter() - run.started, 2)
         write_results(out, results)
-        accelerator.print(f"saved {out}  (run {results['run_seconds']:.1f}s)")
+        logger.info(f"saved {out}  (run {results['run_seconds']:.1f}s)")
     accelerator.wait_for_everyone()
     if config.train.report_to not in ("none", "", None):
         accelerator.end_training()
@@ -386,7 +389,7 @@ def publish(config: RunConfig, results: dict) -> None:
     if config.hub.export:  # before the push, which uploads the export folder and its Deploy section
         from hftl.export import export_model
 
-        print(f"export: {export_model(config.train.output_dir, config.hub.export, config.hub.export_quantize)}")
+        logger.info(f"export: {export_model(config.train.output_dir, config.hub.export, config.hub.export_quantize)}")
     if config.hub.push_to_hub:
         from hftl.hub.push import push_run
 
@@ -397,14 +400,14 @@ def publish(config: RunConfig, results: dict) -> None:
             revision=config.hub.hub_revision,
             license=config.hub.license,
         )
-        print(f"pushed: {url}")
+        logger.info(f"pushed: {url}")
     if config.hub.publish_space:
         from hftl.spaces import publish_space
 
         model_id = config.hub.hub_model_id if config.hub.push_to_hub else None
         if model_id is None:
             raise ValueError("--publish_space needs --push_to_hub: the Space loads the model from the Hub.")
-        print(f"space: {publish_space(model_id, config.hub.publish_space, task=results['pipeline_tag'])}")
+        logger.info(f"space: {publish_space(model_id, config.hub.publish_space, task=results['pipeline_tag'])}")
 
 
 def _hardware(accelerator) -> str:

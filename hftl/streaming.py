@@ -22,6 +22,9 @@ from datasets.distributed import split_dataset_by_node
 
 from hftl.data import TEST_NAMES, VALIDATION_NAMES
 from hftl.image_check import check_images, describe, image_ok
+from hftl.log import get_logger
+
+logger = get_logger(__name__)
 
 HELD_OUT_ROWS = 1000  # rows of the stream kept for validation when the dataset has no validation split
 
@@ -60,7 +63,7 @@ def load_streams(data_args, seed: int):
             held_out = min(held_out, math.ceil(data_args.validation_fraction * rows[split]))
         fixed["validation"] = _materialize(train, held_out)
         train = train.skip(held_out)
-        print(f"No validation split: the first {held_out} streamed rows are held out for validation.")
+        logger.info(f"No validation split: the first {held_out} streamed rows are held out for validation.")
     fixed.setdefault("test", fixed["validation"])
     epoch_rows = data_args.max_train_samples or (rows.get(split) and rows[split] - held_out)
     if not epoch_rows:
@@ -144,9 +147,10 @@ class StreamedSplit(torch.utils.data.IterableDataset):
             yield {k: v[0] for k, v in batch.items()}
         self.start = 0
         if len(self.skipped) > bad_before:
-            print(
+            logger.info(
                 f"rank {self.rank}, epoch {self.epoch}: skipped {len(self.skipped) - bad_before} unreadable streamed "
-                f"image(s): {', '.join(self.skipped[bad_before:][:10])}"
+                f"image(s): {', '.join(self.skipped[bad_before:][:10])}",
+                main_process_only=False,
             )
 
 

@@ -24,10 +24,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from hftl.config import TrainArgs
+from hftl.log import get_logger
 from hftl.outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR
 from hftl.strategies import Adapted, optimizer_groups, set_frozen_norms_eval, snapshot_state
 from hftl.system import default_num_workers, keep_freed_memory
 from hftl.toolkit import new_ema
+
+logger = get_logger(__name__)
 
 STATE_FILE = "trainer_state.json"
 
@@ -110,13 +113,13 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
 
 
-def resolve_checkpoint(spec: str | None, output_dir: str, say=print) -> Path | None:
+def resolve_checkpoint(spec: str | None, output_dir: str) -> Path | None:
     if not spec:
         return None
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            say(
+            logger.info(
                 f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / 'checkpoints'}; "
                 "training starts from scratch."
             )
@@ -138,15 +141,15 @@ def resume_mismatches(saved: dict | None, current: dict) -> list[str]:
     ]
 
 
-def check_resume(saved: dict | None, current: dict, checkpoint: Path, ignore: bool, say=print) -> None:
+def check_resume(saved: dict | None, current: dict, checkpoint: Path, ignore: bool) -> None:
     differences = resume_mismatches(saved, current)
     if saved is None:
-        say(f"{checkpoint} records no run settings (an older checkpoint): resuming without checking them.")
+        logger.info(f"{checkpoint} records no run settings (an older checkpoint): resuming without checking them.")
     if not differences:
         return
     listed = "; ".join(differences)
     if ignore:
-        say(f"Resuming from {checkpoint} despite changed settings (--ignore_resume_mismatch): {listed}.")
+        logger.info(f"Resuming from {checkpoint} despite changed settings (--ignore_resume_mismatch): {listed}.")
         return
     raise ValueError(
         f"Cannot resume from {checkpoint}: these settings decide the data order and step count and have changed: "
@@ -201,7 +204,7 @@ def train(
     model = adapted.model
     channels_last = wants_channels_last(model, args.channels_last)
     if channels_last:
-        accelerator.print("channels_last memory format: on")
+        logger.info("channels_last memory format: on")
         model = model.to(memory_format=torch.channels_last)
     eval_bs = args.eval_batch_size or 2 * args.batch_size
     # a stream (hftl/streaming.py) shards, shuffles and seeds itself per rank; Accelerate must not shard it again
@@ -249,10 +252,10 @@ def train(
     }
     state = TrainState()
     best_state = None
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         extra = torch.load(checkpoint / "extra_state.pt", weights_only=False)
-        check_resume(extra.get("fingerprint"), fingerprint, checkpoint, args.ignore_resume_mismatch, accelerator.print)
+        check_resume(extra.get("fingerprint"), fingerprint, checkpoint, args.ignore_resume_mismatch)
         accelerator.load_state(str(checkpoint))
         state = TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
         best_state = extra.get("best_state")
@@ -260,7 +263,7 @@ def train(
             if extra.get("ema_state") is None:
                 raise ValueError(f"{checkpoint} was saved without --ema_decay: resume without it, or start afresh.")
             ema.load_state_dict(extra["ema_state"])
-        accelerator.print(f"Resumed from {checkpoint} at epoch {state.epoch}, step {state.step}.")
+        logger.info(f"Resumed from {checkpoint} at epoch {state.epoch}, step {state.step}.")
 
     samples_seen, start = 0, time.perf_counter()
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
@@ -268,7 +271,7 @@ def train(
     for epoch in range(state.epoch, num_epochs):
         note = adapted.on_epoch_start(epoch)
         if note:
-            accelerator.print(note)
+            logger.info(note)
         model.train()
         set_frozen_norms_eval(model)
         if not streamed:
@@ -329,7 +332,7 @@ def train(
             metrics, _ = evaluate(task, model, eval_loader, accelerator, id2label, processor)
             record.update({f"eval_{k}": v for k, v in metrics.items() if _is_number(v)})
             accelerator.log({f"eval/{k}": v for k, v in metrics.items() if _is_number(v)}, step=state.step)
-            accelerator.print(_format_record(record))
+            logger.info(_format_record(record))
             value = metrics.get(metric_for_best)
             if value is None:
                 raise KeyError(f"metric_for_best {metric_for_best!r} not among {sorted(metrics)}.")
@@ -339,7 +342,7 @@ def train(
                 ema_metrics, _ = evaluate(task, ema.module, eval_loader, accelerator, id2label)
                 record.update({f"ema_eval_{k}": v for k, v in ema_metrics.items() if _is_number(v)})
                 accelerator.log({f"ema_eval/{k}": v for k, v in ema_metrics.items() if _is_number(v)}, step=state.step)
-                accelerator.print(f"  EMA: {metric_for_best}={ema_metrics[metric_for_best]:.4f}")
+                logger.info(f"  EMA: {metric_for_best}={ema_metrics[metric_for_best]:.4f}")
                 if better(ema_metrics[metric_for_best], value):
                     weights, scored, value = "ema", ema.module, ema_metrics[metric_for_best]
             if state.best_metric is None or better(value, state.best_metric):
@@ -349,7 +352,7 @@ def train(
             else:
                 state.evals_without_improvement += 1
             if args.early_stopping_patience and state.evals_without_improvement >= args.early_stopping_patience:
-                accelerator.print(
+                logger.info(
                     f"Early stopping: no improvement in {metric_for_best} "
                     f"for {args.early_stopping_patience} evaluations."
                 )

@@ -14,6 +14,10 @@ import copy
 
 import torch
 
+from hftl.log import get_logger
+
+logger = get_logger(__name__)
+
 SHIFT_SEVERITY = 3
 
 
@@ -101,7 +105,7 @@ def choose(
         row = {"alpha": alpha, "validation": val[metric], "test_accuracy": test["accuracy"]}
         row.update({f"{name}_accuracy": accuracy(model, batches, labels) for name, batches, labels in shifted})
         rows.append(row)
-        accelerator.print("wise-ft: " + "  ".join(f"{k}={v:.4f}" for k, v in row.items()))
+        logger.info("wise-ft: " + "  ".join(f"{k}={v:.4f}" for k, v in row.items()))
         better = best is None or (val[metric] > best[0] if greater else val[metric] < best[0])
         if better:
             best = (val[metric], alpha, test, evaluator)

@@ -1,6 +1,7 @@
 """Real training runs on tiny models: every strategy learns, frozen stays frozen, outputs load, resume is exact."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -178,7 +179,8 @@ def test_resume_continues_to_the_same_weights(tiny_vit_dir, colour_folder, tmp_p
         assert [r["train_loss"] for r in history] == [r["train_loss"] for r in expected]
 
 
-def test_resume_with_changed_settings_is_refused_naming_each(tiny_vit_dir, colour_folder, tmp_path, capsys):
+def test_resume_with_changed_settings_is_refused_naming_each(tiny_vit_dir, colour_folder, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="hftl")
     out = tmp_path / "out"
     run("classification", _argv(colour_folder, tiny_vit_dir, out, "--num_epochs", "1", "--max_train_samples", "16"))
     resume = ["--num_epochs", "2", "--resume_from_checkpoint", "latest"]
@@ -188,15 +190,16 @@ def test_resume_with_changed_settings_is_refused_naming_each(tiny_vit_dir, colou
     ):
         run("classification", changed)
     results = run("classification", changed + ["--ignore_resume_mismatch"])
-    assert "despite changed settings" in capsys.readouterr().out
+    assert "despite changed settings" in caplog.text
     assert [r["epoch"] for r in results["history"]] == [1, 2]
 
 
-def test_latest_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsys):
+def test_latest_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, caplog):
     from hftl.trainer import resolve_checkpoint
 
-    assert resolve_checkpoint("latest", str(tmp_path)) is None
-    said = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="hftl"):
+        assert resolve_checkpoint("latest", str(tmp_path)) is None
+    said = caplog.text
     assert "no checkpoint in" in said and "training starts from scratch" in said
 
 
@@ -252,9 +255,13 @@ def test_hub_model_check_names_the_fix(local_hub, tiny_vit_dir, monkeypatch):
 @pytest.mark.slow
 def test_two_ranks_gather_every_test_image_once(tiny_vit_dir, colour_folder, tmp_path):
     out = tmp_path / "ddp"
-    launch_two_ranks(REPO / "recipes" / "classify.py", *_argv(colour_folder, tiny_vit_dir, out))
+    proc = launch_two_ranks(REPO / "recipes" / "classify.py", *_argv(colour_folder, tiny_vit_dir, out))
     results = json.loads((out / "all_results.json").read_text())
     assert "2 process(es)" in results["hardware"]
+    # the run's messages are shown once, by the main process, as before (hftl/log.py)
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("test: ") for line in lines) == 1
+    assert sum(line.startswith("data: ") for line in lines) == 1
     assert results["test"]["num_samples"] == 16  # 16 test images, none duplicated by the sampler's padding
     assert results["eval"]["num_samples"] == results["num_samples"]["validation"]
     assert results["test"]["accuracy"] >= 0.9

@@ -1,6 +1,7 @@
 """Data loading and validation: every bad input fails early with a message that names the fix."""
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -112,9 +113,10 @@ def test_corrupt_images_of_every_split_are_named_together(tmp_path):
     assert "--on_bad_image skip" in message
 
 
-def test_skipped_images_are_named_and_shared_rows_counted_once(tmp_path, capsys):
+def test_skipped_images_are_named_and_shared_rows_counted_once(tmp_path, caplog):
     dsd = _with_bad_files(tmp_path)
-    kept, skipped = check_images(dsd, "image", on_bad_image="skip")
+    with caplog.at_level(logging.INFO, logger="hftl"):
+        kept, skipped = check_images(dsd, "image", on_bad_image="skip")
     assert [len(kept[s]) for s in ("train", "validation", "test")] == [2, 1, 1]
     assert kept["validation"] is kept["test"]  # still the same rows
     assert skipped == {
@@ -122,7 +124,7 @@ def test_skipped_images_are_named_and_shared_rows_counted_once(tmp_path, capsys)
         "validation": [str(tmp_path / "truncated.jpg")],
         "test": [str(tmp_path / "truncated.jpg")],
     }
-    assert "Skipping 2 unreadable image(s)" in capsys.readouterr().out
+    assert "Skipping 2 unreadable image(s)" in caplog.text
 
 
 def test_image_check_reads_an_arrow_split_in_batches(tmp_path, monkeypatch):

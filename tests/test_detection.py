@@ -7,6 +7,7 @@ classifier for the "timm backbone -> Conditional DETR" path); data is the seeded
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -116,11 +117,12 @@ def test_bad_rows_are_named(objects, message):
         task.label_names(_rows([good, objects], features=features), data_args)
 
 
-def test_images_without_objects_are_kept_and_xyxy_format_is_read(capsys):
+def test_images_without_objects_are_kept_and_xyxy_format_is_read(caplog):
     rows = _rows([{"bbox": [[2, 2, 12, 14]], "category": [1]}, {"bbox": [], "category": []}])
     task, data_args = _task(box_format="xyxy")
-    assert task.label_names(rows, data_args) == ["0", "1"]
-    assert "1 image(s) without objects are kept as negatives" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="hftl"):
+        assert task.label_names(rows, data_args) == ["0", "1"]
+    assert "1 image(s) without objects are kept as negatives" in caplog.text
     boxes, classes, _ = dd.clean_boxes(rows["train"][0]["objects"], "xyxy", 32, 32)
     assert boxes.tolist() == [[2, 2, 12, 14]] and classes.tolist() == [1]
 

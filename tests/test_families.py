@@ -54,9 +54,6 @@ def _outputs(model, pixels: torch.Tensor) -> list[torch.Tensor]:
 
 def train_and_save(task_name: str, folder, strategy: str, out, size: int = SIZE):
     """(task, trained model as saved, processor): two AdamW steps through hftl's strategy and save path."""
-    from accelerate import PartialState
-
-    PartialState(cpu=True)  # what a run has set up before save_model logs
     task = get_task(task_name)
     model, processor = task.load_model(ModelArgs(model=str(folder)), ID2LABEL)
     heads = task.head_modules(model)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,15 @@ def test_resume_skips_exactly_the_samples_already_read():
     assert [item["id"] for item in split] == whole[7:]
 
 
-def test_corrupt_streamed_image_is_skipped_and_named(capsys):
+def test_corrupt_streamed_image_is_skipped_and_named(caplog):
     stream = _stream_rows(12, bad={5}).to_iterable_dataset(num_shards=2)
     split = StreamedSplit(stream, _ids, "image", 10, seed=0, buffer_size=4)
     split.set_epoch(0)
-    ids = [item["id"] for item in split]
+    with caplog.at_level(logging.INFO, logger="hftl"):
+        ids = [item["id"] for item in split]
     assert len(ids) == 10 and 5 not in ids
     assert split.skipped == ["row5.png"]
-    assert "skipped 1 unreadable streamed image(s): row5.png" in capsys.readouterr().out
+    assert "skipped 1 unreadable streamed image(s): row5.png" in caplog.text
 
 
 def _argv(data, model, out, *extra):

@@ -32,6 +32,9 @@ from hftl.compare.grid import (
     split_list,
     strategy_options,
 )
+from hftl.log import console, get_logger
+
+logger = get_logger(__name__)
 
 __all__ = [
     "Cell",
@@ -52,6 +55,7 @@ def compare(argv: list[str] | None = None, defaults: dict | None = None) -> dict
     # the report's modules pull in matplotlib and the shift evaluation; a grid's child process needs neither
     from hftl.compare.write import push_report, write_report
 
+    console()
     args, base = parse_compare_config(argv, defaults)
     run_dirs = run_grid(args, base)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -62,5 +66,5 @@ def compare(argv: list[str] | None = None, defaults: dict | None = None) -> dict
 
         summary["rank"] = compare_agreement(args, base, summary["leaderboard"])
     if args.push_report:
-        print(f"report pushed: {push_report(Path(args.report_dir) / 'report', args.push_report)}")
+        logger.info(f"report pushed: {push_report(Path(args.report_dir) / 'report', args.push_report)}")
     return summary

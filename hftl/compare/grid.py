@@ -19,8 +19,11 @@ from hftl.compare.shift import ADAPT_METHODS, CORRUPTIONS
 from hftl.config import CONFIG_CLASSES, STRATEGIES, RunConfig, config_file_values
 from hftl.config import parse_config as parse_run_config
 from hftl.config import validate as validate_run_config
+from hftl.log import get_logger
 from hftl.outputs import is_finished
 from hftl.runner import run_config
+
+logger = get_logger(__name__)
 
 SCRATCH = "scratch"
 ZERO_SHOT = "zero-shot"  # one cell per model at shots 0: the start of every learning curve (dual encoders)
@@ -144,7 +147,7 @@ def parse_compare_config(argv: list[str] | None = None, defaults: dict | None = 
     merged = config_file_values(parser, argv, defaults)
     if "-h" in argv or "--help" in argv:
         parser.print_help()
-        print("\nEvery option of a single run applies to each cell as well:\n")
+        print("\nEvery option of a single run applies to each cell as well:\n")  # noqa: T201 (--help text)
         HfArgumentParser(CONFIG_CLASSES).print_help()
         raise SystemExit(0)
     if isinstance(merged.get("shots"), list):  # YAML lists read as lists; the flag takes a comma string
@@ -270,19 +273,19 @@ def run_grid(args: CompareArgs, base: RunConfig) -> list[Path]:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     isolate = args.isolate and not distributed
     done = sum(is_finished(runs / cell.name) for cell in cells)
-    print(f"compare: {len(cells)} cells, {done} already finished, {len(cells) - done} to run ({runs})")
+    logger.info(f"compare: {len(cells)} cells, {done} already finished, {len(cells) - done} to run ({runs})")
     for number, cell in enumerate(cells, 1):
         run_dir = runs / cell.name
         if is_finished(run_dir):
             continue
         config = cell_config(base, cell, run_dir, overrides)
         started = time.perf_counter()
-        print(f"[{number}/{len(cells)}] {cell.name} ...", flush=True)
+        logger.info(f"[{number}/{len(cells)}] {cell.name} ...")
         if isolate:
             run_cell_subprocess(config, run_dir)
         else:
             run_cell_in_process(config, run_dir)
-        print(f"[{number}/{len(cells)}] {cell.name} done in {time.perf_counter() - started:.1f}s", flush=True)
+        logger.info(f"[{number}/{len(cells)}] {cell.name} done in {time.perf_counter() - started:.1f}s")
     return [runs / cell.name for cell in cells]
 
 

@@ -24,9 +24,12 @@ from hftl.compare.aggregate import (
 from hftl.compare.grid import shift_corruptions, split_list
 from hftl.compare.shift import evaluate_shift
 from hftl.config import RunConfig
+from hftl.log import get_logger
 from hftl.outputs import RESULTS_FILE
 from hftl.runner import prepare_data
 from hftl.tasks import get_task
+
+logger = get_logger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shift evaluation of chosen cells
@@ -87,7 +90,7 @@ def _shift_for_run(args, run_dir: Path, corruptions: list[str], extra: list[str]
     # pretrained statistics frozen fitted their head to pretraining-normalised features; re-estimating the
     # statistics then breaks the head (measured on digits: linear probe 0.88 -> 0.09 clean), so they are skipped.
     methods = settings["methods"] if results["strategy"] in BN_TRAINING_STRATEGIES else []
-    print(
+    logger.info(
         f"shift evaluation of {run_dir.name}: {len(corruptions)} corruptions × {len(settings['severities'])} "
         f"severities, adaptation {methods or 'none'}"
     )
@@ -178,8 +181,8 @@ def write_report(args, run_dirs: list[Path]) -> dict:
     }
     (report / "summary.json").write_text(json.dumps(summary, indent=2))
     (report / "README.md").write_text(report_markdown(summary, args))
-    print(f"report: {report / 'README.md'}")
-    print(recommendation_line(recommendation, args))
+    logger.info(f"report: {report / 'README.md'}")
+    logger.info(recommendation_line(recommendation, args))
     return summary
 
 

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate.logging import get_logger
 
 from hftl.export import check
 from hftl.export.convert import (
@@ -29,6 +28,7 @@ from hftl.export.convert import (
     to_openvino,
 )
 from hftl.export.runtime import FORMATS, MODEL_FILES, OUTPUT_NAMES, REPORT_FILE, Session, export_folder
+from hftl.log import get_logger
 
 logger = get_logger(__name__)
 QUANTIZE = ("int8",)
@@ -146,14 +146,11 @@ def export_model(
     threads: int | None = None,
 ) -> Path:
     """Export, check, write; returns the export folder (and pushes it with its card section when asked)."""
-    from accelerate import PartialState
-
     from hftl.hub.card import is_hub_id
     from hftl.predict import infer_task, load_pipeline, read_json
 
     check_options(fmt, quantize_mode, opset)
     threads = threads or torch.get_num_threads()
-    PartialState()  # accelerate's logger needs it; cheap on CPU, a no-op inside a training run
     repo_id = hub_model_id or (model if is_hub_id(model) and not model.startswith("hftl/") else None)
     if push_to_hub and not repo_id:
         raise ValueError(f"--push_to_hub needs --hub_model_id user/name ({model} is not a Hub repo).")

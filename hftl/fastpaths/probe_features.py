@@ -20,7 +20,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from hftl.log import get_logger
 from hftl.strategies import Adapted
+
+logger = get_logger(__name__)
 
 SUPPORTED_TASKS = ("classification",)
 
@@ -108,9 +111,9 @@ def cached_linear_probe(task, adapted: Adapted, dsd, processor, config, accelera
             features, labels = extract_head_inputs(model, head, accelerator.prepare(loader), accelerator)
             cached[split] = FeatureDataset(features, labels)
     except HeadMismatch as why:
-        accelerator.print(f"cache_features: not used ({why}); the frozen backbone runs every epoch.")
+        logger.info(f"cache_features: not used ({why}); the frozen backbone runs every epoch.")
         return None
-    accelerator.print(
+    logger.info(
         f"cache_features: backbone ran once; head trains on {len(cached['train'])} cached features of size "
         f"{tuple(cached['train'].features.shape[1:])} (no augmentation)."
     )

@@ -12,6 +12,9 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from hftl.hub.server import DEFAULT_MAX_BODY_BYTES, create_app
+from hftl.log import get_logger
+
+logger = get_logger(__name__)
 
 
 def _uvicorn_server(app: FastAPI, host: str, port: int, log_level: str):
@@ -65,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anonymous-read", action="store_true", help="with a token: let anyone read public repos")
     args = parser.parse_args(argv)
     token = os.environ.get("HFTL_HUB_TOKEN") or None
-    print(
+    logger.info(
         f"hftl local hub on http://{args.host}:{args.port} (data: {args.data_dir}, token: {'yes' if token else 'no'})"
     )
-    print(f"Clients: export HF_ENDPOINT=http://{args.host}:{args.port} before importing huggingface_hub.")
+    logger.info(f"Clients: export HF_ENDPOINT=http://{args.host}:{args.port} before importing huggingface_hub.")
     serve(
         args.data_dir,
         host=args.host,

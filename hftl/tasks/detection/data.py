@@ -19,8 +19,11 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hftl.data import IMAGE_COLUMN_NAMES
+from hftl.log import get_logger
 from hftl.synthetic import SHAPE_CLASSES, make_shapes
 from hftl.tasks.detection.args import BOX_FORMATS
+
+logger = get_logger(__name__)
 
 SHAPES_SPLITS = {"train": 600, "validation": 80, "test": 120}
 SHAPES_SEEDS = {"train": 10, "validation": 11, "test": 12}
@@ -204,7 +207,7 @@ def category_names(features, objects_column: str, dsd: DatasetDict) -> list[str]
             top = max([top, *row_objects(value)[1]])
     if top < 0:
         raise ValueError("The dataset has no objects at all, so its categories are unknown.")
-    print(f"Categories have no names: classes named by id, 0..{top}.")
+    logger.info(f"Categories have no names: classes named by id, 0..{top}.")
     return [str(i) for i in range(top + 1)]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from datasets import DatasetDict
 
 from hftl.bundled import register_dataset
 from hftl.data import ROW_COLUMN, add_row_numbers
+from hftl.log import get_logger
 from hftl.modeling import ensure_rgb, processor_mean_std
 from hftl.strategies import peft_base
 from hftl.tasks.base import Task
@@ -27,7 +27,8 @@ from hftl.tasks.detection import data as dd
 from hftl.tasks.detection.args import DetectionArgs
 from hftl.tasks.detection.eval import DetectionEvaluator
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
+
 
 SHAPES_DATASET = "hftl/shapes-detection"
 register_dataset(SHAPES_DATASET, "hftl.tasks.detection.data:load_shapes_detection")
@@ -75,7 +76,7 @@ class DetectionTask(Task):
             if stats["empty_images"]:
                 notes.append(f"{stats['empty_images']} image(s) without objects are kept as negatives")
             if notes:
-                print(f"{split}: " + "; ".join(notes) + ".")
+                logger.info(f"{split}: " + "; ".join(notes) + ".")
         return names
 
     def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:

@@ -22,8 +22,11 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hftl.data import IMAGE_COLUMN_NAMES
+from hftl.log import get_logger
 from hftl.synthetic import SHAPE_CLASSES, make_shapes
 from hftl.tasks.detection import data as detection_data
+
+logger = get_logger(__name__)
 
 OBJECTS_COLUMN_NAMES = ("objects", "annotations", "segments")
 ANNOTATION_COLUMN_NAMES = ("annotation", "instance_mask", "label", "mask")
@@ -87,7 +90,7 @@ def category_names(features, label_column: str, layout: str, dsd: DatasetDict, i
             row = ds[i]
             classes = _classes_only(row, label_column, layout)
             top = max([top, *classes])
-    print(f"No class names: classes named by id, 0..{max(top, 0)}. Name them with --id2label file.json.")
+    logger.info(f"No class names: classes named by id, 0..{max(top, 0)}. Name them with --id2label file.json.")
     return [str(i) for i in range(max(top, 0) + 1)]
 
 

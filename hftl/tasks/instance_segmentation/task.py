@@ -8,14 +8,13 @@ bundled `hftl/shapes-instances` (hftl/tasks/instance_segmentation/data.py). Mode
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from datasets import DatasetDict
 
 from hftl.bundled import register_dataset
 from hftl.data import ROW_COLUMN, add_row_numbers
+from hftl.log import get_logger
 from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std
 from hftl.tasks import mask_classification as mc
 from hftl.tasks.base import Task
@@ -23,7 +22,8 @@ from hftl.tasks.instance_segmentation import data as isd
 from hftl.tasks.instance_segmentation.args import InstanceSegmentationArgs
 from hftl.tasks.instance_segmentation.eval import InstanceEvaluator
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
+
 
 register_dataset(isd.SHAPES_DATASET, "hftl.tasks.instance_segmentation.data:load_shapes_instances")
 KNOWN_NAMES = {isd.SHAPES_DATASET: isd.shapes_class_names()}
@@ -69,7 +69,7 @@ class InstanceSegmentationTask(Task):
         for split, ds in dsd.items():
             empty = isd.check_split(ds, split, self.image_column, self.annotation_column, self.layout, len(names))
             if empty:
-                print(f"{split}: {empty} image(s) without instances are kept as negatives.")
+                logger.info(f"{split}: {empty} image(s) without instances are kept as negatives.")
         return names
 
     def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:

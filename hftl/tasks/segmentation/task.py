@@ -15,6 +15,7 @@ from datasets import DatasetDict
 
 from hftl.bundled import register_dataset
 from hftl.data import ROW_COLUMN, add_row_numbers
+from hftl.log import get_logger
 from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
 from hftl.strategies import peft_base
 from hftl.tasks import mask_classification as mc
@@ -22,6 +23,8 @@ from hftl.tasks.base import Task
 from hftl.tasks.segmentation import data as sd
 from hftl.tasks.segmentation.args import SegmentationArgs
 from hftl.tasks.segmentation.eval import SegmentationEvaluator
+
+logger = get_logger(__name__)
 
 SHAPES_DATASET = "hftl/shapes-segmentation"
 register_dataset(SHAPES_DATASET, "hftl.tasks.segmentation.data:load_shapes_segmentation")
@@ -90,7 +93,7 @@ class SegmentationTask(Task):
         if self.reduce_labels is None:
             self.reduce_labels = bool(known.get("reduce_labels", False))
             if self.reduce_labels:
-                print(
+                logger.info(
                     f"{data_args.dataset}: reduce_labels={self.reduce_labels} (its convention; set --reduce_labels)."
                 )
         spec = self.id2label_spec or self.local_label_file or known.get("id2label")
@@ -104,7 +107,7 @@ class SegmentationTask(Task):
             if self.reduce_labels:
                 top -= 1
             names = [str(i) for i in range(top + 1)]
-            print(
+            logger.info(
                 f"No label file: classes named by id, 0..{top}. Name them with --id2label file.json (or "
                 "repo_id:file.json in a Hub dataset repo)."
             )
