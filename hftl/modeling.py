@@ -246,10 +246,15 @@ def timm_features_state(path: str, timm_config, out_indices: list[int]) -> dict:
 
 def model_around_timm(model_class, config, path: str, timm_config, backbone_of):
     """`model_class(config)` whose timm backbone (`backbone_of(model)`, built from `config.backbone_config`) holds
-    the weights of the timm classifier at `path`. model_args are refused before the model is built."""
+    the weights of the timm classifier at `path`. model_args are refused before the model is built.
+
+    The model is marked `hftl_converted`: no hub holds it, so a LoRA adapter on it could not be loaded by anyone;
+    LoRA runs on it save the merged model only (hftl/outputs.py) and refuse --merge_lora false up front
+    (hftl/strategies.py). A folder it is saved to is an ordinary checkpoint, without the mark."""
     state = timm_features_state(path, timm_config, config.backbone_config.out_indices)
     model = model_class(config)
     load_backbone_weights(backbone_of(model), state)
+    model.hftl_converted = True
     return model
 
 

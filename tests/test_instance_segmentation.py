@@ -373,22 +373,49 @@ def test_frozen_backbone_is_bit_identical(tiny_timm_efficientnet_dir, tmp_path):
             assert torch.equal(tensor, classifier[name.replace("blocks_", "blocks.", 1)]), name
 
 
+def test_lora_on_mask2former_built_from_timm_saves_only_the_merged_model(tiny_timm_efficientnet_dir, tmp_path):
+    """The rule of every model hftl converts around a timm classifier (DETR, UperNet too): no hub holds its base,
+    so an adapter nobody could load is neither saved nor accepted as the only output."""
+    from transformers import AutoModelForUniversalSegmentation
+
+    from hftl.config import StrategyArgs
+    from hftl.outputs import save_model
+    from hftl.strategies import apply_strategy
+
+    task, _ = _task(image_size=SIZE)
+    model, processor = task.load_model(ModelArgs(model=str(tiny_timm_efficientnet_dir)), ID2LABEL)
+    with pytest.raises(ValueError, match="merge_lora false"):
+        apply_strategy(model, task, StrategyArgs(strategy="lora", merge_lora=False), learning_rate=1e-3)
+    adapted = apply_strategy(model, task, StrategyArgs(strategy="lora"), learning_rate=1e-3)
+    out = tmp_path / "out"
+    save_model(adapted.model, processor, str(tiny_timm_efficientnet_dir), True, out)
+    assert not (out / "adapter").exists()
+    merged = AutoModelForUniversalSegmentation.from_pretrained(out)
+    assert not any("lora" in name for name in merged.state_dict())
+
+
 @pytest.mark.slow
 def test_lora_adapter_equals_merged(tiny_timm_efficientnet_dir, tmp_path):
+    """On a Mask2Former checkpoint anyone can load (here: one hftl built from timm, saved), the saved adapter on its
+    base gives the saved merged model's outputs."""
     from peft import PeftModel
     from transformers import AutoModelForUniversalSegmentation
 
     from hftl.runner import run
 
+    checkpoint = tmp_path / "m2f"
+    model, processor = mc.mask2former_from_timm(
+        str(tiny_timm_efficientnet_dir), _timm_config(tiny_timm_efficientnet_dir), ID2LABEL, SIZE
+    )
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
     out = tmp_path / "out"
-    results = run("segmentation", _argv(out, tiny_timm_efficientnet_dir, "--strategy", "lora", "--max_steps", "2"))
+    results = run("segmentation", _argv(out, checkpoint, "--strategy", "lora", "--max_steps", "2"))
     assert results["trainable_parameters"] < results["total_parameters"]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert all(t.startswith("model.pixel_level_module.encoder.") for t in adapter["target_modules"])
-    # the adapter's base is the model hftl built (a new Mask2Former around the timm weights): rebuild it the same way
-    torch.manual_seed(42)
     task, _ = _task(image_size=SIZE)
-    base, _ = task.load_model(ModelArgs(model=str(tiny_timm_efficientnet_dir)), ID2LABEL)
+    base, _ = task.load_model(ModelArgs(model=str(checkpoint)), ID2LABEL)
     with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
     merged = AutoModelForUniversalSegmentation.from_pretrained(out).eval()
     pixels = torch.randn(2, 3, SIZE, SIZE)

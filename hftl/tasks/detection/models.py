@@ -54,7 +54,6 @@ def detector_from_timm(path: str, timm_config, id2label: dict, image_size: int |
     model = model_around_timm(
         ConditionalDetrForObjectDetection, config, path, timm_config, lambda m: m.model.backbone.model
     )
-    model.hftl_converted = True  # no hub holds this detector: see hftl.runner.save_model
     mean, std = timm_normalization(timm_config)
     side = image_size or DEFAULT_IMAGE_SIZE
     processor = ConditionalDetrImageProcessor(

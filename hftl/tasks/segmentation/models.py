@@ -35,7 +35,6 @@ def upernet_from_timm(path: str, timm_config, id2label: dict, hidden_size: int, 
     model = model_around_timm(
         UperNetForSemanticSegmentation, config, path, timm_config, lambda m: m.backbone._backbone
     )
-    model.hftl_converted = True  # no hub holds this UperNet: see hftl.runner.save_model
     pretrained = dict(getattr(timm_config, "pretrained_cfg", None) or {})
     size = int((pretrained.get("input_size") or [3, 224, 224])[-1])
     mean, std = timm_normalization(timm_config)
