@@ -215,7 +215,7 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
     the training loop run (hftl/trainer.py) with the best evaluation's weights kept; model is the trained one."""
     config, task, accelerator, adapted, processor = run.config, run.task, run.accelerator, run.adapted, run.processor
     dsd, spec, stream, id2label = run.dsd, run.spec, run.stream, run.spec.id2label
-    prepared = task.prepare(dsd, processor, config.data)
+    prepared = task.prepare(dsd, processor, config.data, spec)
     if accelerator.is_main_process:
         Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
     if config.train.report_to not in ("none", "", None):

@@ -115,6 +115,29 @@ def test_rgb_colour_masks_need_a_palette(tmp_path):
     assert sd.mask_to_ids(Image.fromarray(grey), None, "row 0").tolist() == [[2] * 4] * 4
 
 
+def test_mask_conventions_found_come_back_in_the_spec_for_prepare(tmp_path):
+    """The palette and the resolved reduce_labels are a value data_spec returns and prepare reads (DataSpec's
+    task_data), not task state: a second task object prepares the same data from the spec alone."""
+    from transformers import SegformerImageProcessor
+
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[:4] = (255, 0, 0)
+    palette_file = tmp_path / "palette.json"
+    palette_file.write_text(json.dumps({"0": [0, 0, 0], "1": [9, 9, 9], "2": [255, 0, 0]}))  # 0: "other"
+    rows = _dataset([Image.new("RGB", (8, 8))] * 2, [Image.fromarray(colour)] * 2)
+    options = {"dataset": "local", "mask_palette": str(palette_file), "reduce_labels": True}
+    task, data_args = _task(**options)
+    spec = task.data_spec(DatasetDict({"train": rows}), data_args)
+    masks = spec.task_data
+    assert (spec.image_column, masks.mask_column) == ("image", "annotation")
+    assert masks.reduce_labels and masks.num_labels == 2 and masks.palette[(255, 0, 0)] == 2
+    fresh, _ = _task(**options)
+    processor = SegformerImageProcessor(size={"height": 8, "width": 8})
+    prepared = fresh.prepare(add_row_numbers(DatasetDict({"test": rows})), processor, data_args, spec)
+    label = prepared["test"][0]["labels"]
+    assert label[:4].tolist() == [[1] * 8] * 4 and label[4:].eq(255).all()  # id 2 -> class 1, "other" -> ignored
+
+
 def test_local_folder_format(tmp_path):
     for split, count in (("train", 3), ("test", 2)):
         (tmp_path / split / "images").mkdir(parents=True)
@@ -142,9 +165,9 @@ def test_paired_augmentation_moves_image_and_mask_together(tiny_segformer_dir):
     images = [Image.fromarray(np.repeat((m * 80)[..., None], 3, axis=2)) for m in masks]
     task, data_args = _task(dataset="local", crop_scale_min=0.3)
     dsd = DatasetDict({"train": _dataset(images, [Image.fromarray(m) for m in masks])})
-    task.label_names(dsd, data_args)
+    spec = task.data_spec(dsd, data_args)
     processor = SegformerImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.0] * 3, image_std=[1.0] * 3)
-    prepared = task.prepare(add_row_numbers(dsd), processor, data_args)
+    prepared = task.prepare(add_row_numbers(dsd), processor, data_args, spec)
     torch.manual_seed(0)
     moved = 0
     for example, mask in zip(prepared["train"], masks):
@@ -277,8 +300,8 @@ def _test_split_mean_iou(model, processor) -> float:
     task, data_args = _task(image_size=SIZE)
     dsd = load_shapes_segmentation()
     dsd = DatasetDict({"test": dsd["test"].select(range(15))})
-    task.label_names(dsd.copy() | {"train": dsd["test"]}, data_args)
-    prepared = task.prepare(add_row_numbers(dsd), processor, data_args)
+    spec = task.data_spec(dsd.copy() | {"train": dsd["test"]}, data_args)
+    prepared = task.prepare(add_row_numbers(dsd), processor, data_args, spec)
     loader = make_loader(prepared["test"], task.collate, 4, False, 0, 0)
     metrics, _ = evaluate(task, model.eval(), loader, Accelerator(cpu=True), ID2LABEL, processor)
     return metrics["mean_iou"]

@@ -26,6 +26,8 @@ class DataSpec:
     image_column: str | None = None
     # a per-image class label (classification); None where there is none, so few-shot sampling does not apply
     label_column: str | None = None
+    # what only this task found and its transforms need (segmentation: its MaskSpec); `prepare` receives it here
+    task_data: Any = None
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -75,8 +77,9 @@ class Task:
         """Labels → one shared encoding across splits. Default: unchanged."""
         return dsd
 
-    def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
-        """The splits with their train / eval transforms set."""
+    def prepare(self, dsd: DatasetDict, processor, data_args, spec: DataSpec | None = None) -> DatasetDict:
+        """The splits with their train / eval transforms set; `spec` is what `data_spec` returned for them (a task
+        whose transforms need its `task_data` requires it)."""
         raise NotImplementedError
 
     def deterministic_splits(self, data_args) -> list[str]:

@@ -180,7 +180,7 @@ class ClassificationTask(Task):
         return usable_preset(base, preset, heads) or derive_targets(base, heads)
 
     # ---- preprocessing ----------------------------------------------------------------------------------------
-    def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
+    def prepare(self, dsd: DatasetDict, processor, data_args, spec=None) -> DatasetDict:
         from torchvision.transforms import v2
 
         steps = pixel_steps(processor, processor_input_size(processor))

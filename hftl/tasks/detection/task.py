@@ -150,7 +150,7 @@ class DetectionTask(Task):
         return derive_targets(base, heads)
 
     # ---- preprocessing ----------------------------------------------------------------------------------------
-    def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
+    def prepare(self, dsd: DatasetDict, processor, data_args, spec=None) -> DatasetDict:
         augment = box_augmentation(data_args) if data_args.augment else None
         image_col, objects_col = self.image_column, self.objects_column
 

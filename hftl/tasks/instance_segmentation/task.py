@@ -114,7 +114,7 @@ class InstanceSegmentationTask(Task):
         return mc.lora_targets(model)
 
     # ---- preprocessing ----------------------------------------------------------------------------------------
-    def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
+    def prepare(self, dsd: DatasetDict, processor, data_args, spec=None) -> DatasetDict:
         from torchvision.transforms import v2
 
         size = processor_input_size(processor)

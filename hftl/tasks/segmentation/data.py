@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +26,22 @@ LABEL_FILE = "id2label.json"
 PALETTE_FILE = "palette.json"
 # Rows per split whose masks are fully checked before training; the rest are checked as they are loaded.
 EAGER_CHECK_ROWS = 500
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How a dataset's masks become class ids, as `SegmentationTask.data_spec` found it (`DataSpec.task_data`)."""
+
+    mask_column: str
+    palette: dict | None  # RGB colour -> class id, for colour masks
+    num_labels: int
+    reduce_labels: bool  # ADE20K's convention: 0 is "other" (ignored), ids shift down by one
+    ignore_index: int
+
+    def to_ids(self, mask, where: str) -> np.ndarray:
+        return encode_ids(
+            mask_to_ids(mask, self.palette, where), self.num_labels, self.reduce_labels, self.ignore_index, where
+        )
 
 
 def detect_columns(features, image_column: str | None, mask_column: str | None) -> tuple[str, str]:
@@ -185,18 +202,17 @@ def scan_max_id(ds: Dataset, mask_column: str, palette, rows: int) -> int:
     return top
 
 
-def check_split(ds: Dataset, split: str, image_column: str, mask_column: str, settings: dict) -> None:
+def check_split(ds: Dataset, split: str, image_column: str, masks: MaskSpec) -> None:
     """Opens the first EAGER_CHECK_ROWS image/mask pairs of a split and checks sizes and class ids."""
     rows = min(len(ds), EAGER_CHECK_ROWS)
     for i in range(rows):
         example = ds[i]
         where = f"{split} split, row {i}"
-        image, mask = example[image_column], example[mask_column]
+        image, mask = example[image_column], example[masks.mask_column]
         if image is None or mask is None:
             raise ValueError(f"{where}: the {'image' if image is None else 'mask'} is missing.")
         check_pair(image, mask, where)
-        ids = mask_to_ids(mask, settings["palette"], where)
-        encode_ids(ids, settings["num_labels"], settings["reduce_labels"], settings["ignore_index"], where)
+        masks.to_ids(mask, where)
 
 
 def to_pil(image) -> Image.Image:

@@ -19,7 +19,7 @@ from hftl.log import get_logger
 from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
 from hftl.strategies import peft_base
 from hftl.tasks import mask_classification as mc
-from hftl.tasks.base import Task
+from hftl.tasks.base import DataSpec, Task
 from hftl.tasks.segmentation import data as sd
 from hftl.tasks.segmentation.args import SegmentationArgs
 from hftl.tasks.segmentation.eval import SegmentationEvaluator
@@ -60,15 +60,9 @@ class SegmentationTask(Task):
     def __init__(self, config=None):
         super().__init__(config)
         self.ignore_index = int(self.options.ignore_index)
-        self.reduce_labels = self.options.reduce_labels
         self.id2label_spec = self.options.id2label
         self.palette_spec = self.options.mask_palette
-        self.image_column = None
-        self.mask_column = None
-        self.label_column = None  # no per-image class label: few-shot sampling does not apply
         self.local_label_file = None
-        self.palette = None
-        self.num_labels = None
         self.mask_classification = False  # Mask2Former / MaskFormer: class + mask queries, their own loss
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -84,27 +78,29 @@ class SegmentationTask(Task):
         return sd.load_local_folder(path)
 
     def label_names(self, dsd: DatasetDict, data_args) -> list[str]:
-        """Finds the image and mask columns, reads the class names, and checks masks (sizes, ids) row by row."""
+        return self.data_spec(dsd, data_args).label_names
+
+    def data_spec(self, dsd: DatasetDict, data_args) -> DataSpec:
+        """Finds the image and mask columns, reads the class names, and checks masks (sizes, ids) row by row; how
+        masks become ids (palette, reduce_labels) comes back as the spec's `task_data` (a MaskSpec) for `prepare`.
+        No per-image class label: few-shot sampling does not apply."""
         train = dsd["train"]
-        self.image_column, self.mask_column = sd.detect_columns(
-            train.features, data_args.image_column, data_args.label_column
-        )
+        image_column, mask_column = sd.detect_columns(train.features, data_args.image_column, data_args.label_column)
         known = KNOWN_DATASETS.get(data_args.dataset, {})
-        if self.reduce_labels is None:
-            self.reduce_labels = bool(known.get("reduce_labels", False))
-            if self.reduce_labels:
-                logger.info(
-                    f"{data_args.dataset}: reduce_labels={self.reduce_labels} (its convention; set --reduce_labels)."
-                )
-        spec = self.id2label_spec or self.local_label_file or known.get("id2label")
-        palette = sd.read_palette(self.palette_spec, []) if self.palette_spec and not spec else None
-        if spec:
-            names = sd.read_label_file(spec)
+        reduce_labels = self.options.reduce_labels
+        if reduce_labels is None:
+            reduce_labels = bool(known.get("reduce_labels", False))
+            if reduce_labels:
+                logger.info(f"{data_args.dataset}: reduce_labels=True (its convention; set --reduce_labels).")
+        label_file = self.id2label_spec or self.local_label_file or known.get("id2label")
+        palette = sd.read_palette(self.palette_spec, []) if self.palette_spec and not label_file else None
+        if label_file:
+            names = sd.read_label_file(label_file)
         elif "names" in known:
             names = list(known["names"])
         else:
-            top = max(sd.scan_max_id(ds, self.mask_column, palette, sd.EAGER_CHECK_ROWS) for ds in dsd.values())
-            if self.reduce_labels:
+            top = max(sd.scan_max_id(ds, mask_column, palette, sd.EAGER_CHECK_ROWS) for ds in dsd.values())
+            if reduce_labels:
                 top -= 1
             names = [str(i) for i in range(top + 1)]
             logger.info(
@@ -113,23 +109,16 @@ class SegmentationTask(Task):
             )
         if len(names) < 2:
             raise ValueError(f"Segmentation needs at least 2 classes; the labels are {names}.")
-        self.palette = sd.read_palette(self.palette_spec, names)
-        self.num_labels = len(names)
+        masks = sd.MaskSpec(
+            mask_column, sd.read_palette(self.palette_spec, names), len(names), reduce_labels, self.ignore_index
+        )
         for split, ds in dsd.items():
-            sd.check_split(ds, split, self.image_column, self.mask_column, self._mask_settings())
-        return names
+            sd.check_split(ds, split, image_column, masks)
+        return DataSpec(list(names), image_column, None, masks)
 
     def encode_labels(self, dsd: DatasetDict, names: list[str]) -> DatasetDict:
         # rows keep their original number through subsampling, so errors found during training name them
         return add_row_numbers(dsd)
-
-    def _mask_settings(self) -> dict:
-        return {
-            "palette": self.palette,
-            "num_labels": self.num_labels,
-            "reduce_labels": bool(self.reduce_labels),
-            "ignore_index": self.ignore_index,
-        }
 
     # ---- model ------------------------------------------------------------------------------------------------
     def load_model(self, model_args, id2label: dict):
@@ -204,7 +193,7 @@ class SegmentationTask(Task):
         return derive_targets(base, heads, body=self.backbone(base))
 
     # ---- preprocessing ----------------------------------------------------------------------------------------
-    def prepare(self, dsd: DatasetDict, processor, data_args) -> DatasetDict:
+    def prepare(self, dsd: DatasetDict, processor, data_args, spec: DataSpec | None = None) -> DatasetDict:
         from torchvision import tv_tensors
         from torchvision.transforms import v2
 
@@ -220,8 +209,9 @@ class SegmentationTask(Task):
         ]
         augment = v2.Compose(geometric + to_model)
         plain = v2.Compose([v2.Resize((size, size), antialias=True)] + to_model)
-        settings = self._mask_settings()
-        image_col, mask_col = self.image_column, self.mask_column
+        assert spec is not None and isinstance(spec.task_data, sd.MaskSpec), "prepare needs data_spec()'s DataSpec"
+        masks = spec.task_data
+        image_col, mask_col = spec.image_column, masks.mask_column
 
         def pairs(batch, split):
             rows = batch.get(ROW_COLUMN) or [None] * len(batch[image_col])
@@ -229,11 +219,7 @@ class SegmentationTask(Task):
                 where = f"{split} split, row {row}"
                 image, mask = sd.to_pil(image), sd.to_pil(mask)
                 sd.check_pair(image, mask, where)
-                ids = sd.mask_to_ids(mask, settings["palette"], where)
-                ids = sd.encode_ids(
-                    ids, settings["num_labels"], settings["reduce_labels"], settings["ignore_index"], where
-                )
-                yield ensure_rgb(image), torch.from_numpy(ids)
+                yield ensure_rgb(image), torch.from_numpy(masks.to_ids(mask, where))
 
         def train_batch(batch, split="train"):
             pixels, labels = [], []
