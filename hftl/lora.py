@@ -159,21 +159,30 @@ def _has_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
+# model types whose adapter `PeftModel.from_pretrained` alone cannot load (`needs_peft_guard`); the model card's
+# adapter snippet names `load_adapter` for them (tests/test_families.py checks this list against the families)
+ADAPTER_NEEDS_HFTL = ("deformable_detr", "dab-detr", "rt_detr_v2", "d_fine")
+
+
+def needs_peft_guard(model: nn.Module) -> bool:
+    """PEFT resolves tied weights through `get_input_embeddings()` when a model declares a tied-weights mapping
+    (Deformable DETR ties its per-layer heads), and transformers raises for vision models."""
+    if getattr(model, "config", None) is None or not isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        return False
+    try:
+        model.get_input_embeddings()
+        return False
+    except (NotImplementedError, AttributeError):
+        return True
+
+
 @contextlib.contextmanager
 def vision_peft_guard(model: nn.Module):
-    """PEFT resolves tied weights through `get_input_embeddings()` when a model declares a tied-weights mapping
-    (Deformable DETR ties its per-layer heads), and transformers raises for vision models. Telling PEFT the model
-    ties no word embeddings (`tie_word_embeddings=False`, PEFT's own opt-out) for the duration of the call avoids
-    it; the config is restored after, so transformers' own head tying is untouched."""
+    """Where `needs_peft_guard`: tells PEFT the model ties no word embeddings (`tie_word_embeddings=False`, PEFT's
+    own opt-out) for the duration of the call; the config is restored after, so transformers' own head tying is
+    untouched."""
     config = getattr(model, "config", None)
-    needs = config is not None and isinstance(getattr(model, "_tied_weights_keys", None), dict)
-    if needs:
-        try:
-            model.get_input_embeddings()
-            needs = False
-        except (NotImplementedError, AttributeError):
-            pass
-    if not needs:
+    if not needs_peft_guard(model):
         yield
         return
     before = config.tie_word_embeddings

@@ -134,6 +134,20 @@ def _check_adapter(task_name: str, folder, out, size: int) -> None:
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
+def test_the_cards_list_of_families_peft_cannot_load_alone_is_complete():
+    """hftl/lora.py's ADAPTER_NEEDS_HFTL (the model card's adapter snippet reads it) names exactly the families
+    whose adapters need `load_adapter`'s guard (tied per-layer heads: detectors; the classifiers have none)."""
+    from hftl.lora import ADAPTER_NEEDS_HFTL, needs_peft_guard
+
+    found = set()
+    for build in (DETECTION | SEGMENTATION).values():
+        torch.manual_seed(0)
+        model, _ = build()
+        if needs_peft_guard(model):
+            found.add(model.config.model_type)
+    assert found == set(ADAPTER_NEEDS_HFTL)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("family", _params(DETECTION))
 def test_detection_family(family, strategy, family_dir, tmp_path):

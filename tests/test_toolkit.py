@@ -184,3 +184,20 @@ def test_card_says_which_weights_were_kept():
     results["train"]["weights"] = "raw"
     card = str(build_model_card(results, "me/m", adapter_only=False, base_model=None, dataset=None))
     assert "raw weights, which scored better" in card
+
+
+def test_adapter_card_names_hftls_loader_where_peft_alone_fails():
+    from hftl.hub.card import build_model_card
+
+    results = {"pipeline_tag": "object-detection", "test": {"map": 0.5}}
+
+    def card(model_type):
+        return str(build_model_card(results, "me/m", adapter_only=True, base_model="org/base", dataset=None,
+                                    model_type=model_type))  # fmt: skip
+
+    for model_type in ("deformable_detr", "dab-detr", "rt_detr_v2", "d_fine"):
+        text = card(model_type)
+        assert "model = load_adapter(base, repo).merge_and_unload()" in text and "from peft" not in text
+        assert f"`PeftModel.from_pretrained` alone fails for this model family ({model_type}" in text
+    text = card("detr")
+    assert "model = PeftModel.from_pretrained(base, repo).merge_and_unload()" in text and "load_adapter" not in text

@@ -62,7 +62,12 @@ def _fmt(value) -> str:
 
 
 def _how_to_use(
-    repo_id: str, pipeline_tag: str, adapter_only: bool, base_model: str | None, subtask: str | None = None
+    repo_id: str,
+    pipeline_tag: str,
+    adapter_only: bool,
+    base_model: str | None,
+    subtask: str | None = None,
+    model_type: str | None = None,
 ) -> str:
     if not adapter_only:
         extra = f', subtask="{subtask}"' if subtask else ""  # Mask2Former/MaskFormer serve several subtasks
@@ -72,19 +77,35 @@ def _how_to_use(
             'print(predict("image.jpg"))\n```\n\n'
             f"Or from the command line: `hftl predict --model {repo_id} image.jpg`."
         )
+    from hftl.lora import ADAPTER_NEEDS_HFTL
     from hftl.spaces.builder import AUTO_CLASSES
 
     auto = AUTO_CLASSES.get(pipeline_tag, AUTO_CLASSES["image-classification"])
     base = base_model or "<base model id>"
+    # PEFT looks these models' word embeddings up and transformers raises for them; hftl's loader opts out
+    hftl_loads = model_type in ADAPTER_NEEDS_HFTL
+    note = (
+        f"`PeftModel.from_pretrained` alone fails for this model family ({model_type}: PEFT asks it for word "
+        "embeddings it does not have); hftl's `hftl.lora.load_adapter` loads it.\n\n"
+        if hftl_loads
+        else ""
+    )
+    load = (
+        "model = load_adapter(base, repo).merge_and_unload()\n"
+        if hftl_loads
+        else "model = PeftModel.from_pretrained(base, repo).merge_and_unload()\n"
+    )
     return (
         "This repo holds a PEFT adapter; the fine-tuned config (labels) and image processor sit next to it.\n\n"
-        "```python\nfrom peft import PeftModel\n"
-        f"from transformers import AutoConfig, AutoImageProcessor, {auto}, pipeline\n\n"
+        + note
+        + "```python\n"
+        + ("from hftl.lora import load_adapter\n" if hftl_loads else "from peft import PeftModel\n")
+        + f"from transformers import AutoConfig, AutoImageProcessor, {auto}, pipeline\n\n"
         f'repo = "{repo_id}"\n'
         "config = AutoConfig.from_pretrained(repo)  # the fine-tuned labels\n"
         f'base = {auto}.from_pretrained("{base}", config=config, ignore_mismatched_sizes=True)\n'
-        "model = PeftModel.from_pretrained(base, repo).merge_and_unload()\n"
-        "processor = AutoImageProcessor.from_pretrained(repo)\n"
+        + load
+        + "processor = AutoImageProcessor.from_pretrained(repo)\n"
         f'predict = pipeline("{pipeline_tag}", model=model, image_processor=processor)\n'
         'print(predict("image.jpg"))\n```\n\n'
         f"Or from the command line: `hftl predict --model {repo_id} image.jpg`."
@@ -121,10 +142,12 @@ def build_model_card(
     dataset: str | None,
     images: list[str] = (),
     license: str = "apache-2.0",
+    model_type: str | None = None,
 ) -> ModelCard:
     """A ModelCard: metadata (incl. model-index) + a body saying what was trained, how, and with what results.
 
     `base_model` / `dataset` are Hub ids, or None when the run used local folders (their paths never go in a card).
+    `model_type` (the fine-tuned config's) picks the adapter snippet's loader.
     """
     pipeline_tag = results.get("pipeline_tag") or "image-classification"
     task = results.get("task") or pipeline_tag
@@ -161,7 +184,7 @@ def build_model_card(
         model_name=model_name,
         eval_results=eval_results or None,
     )
-    body = _body(results, repo_id, adapter_only, images, base_model, dataset)
+    body = _body(results, repo_id, adapter_only, images, base_model, dataset, model_type)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
@@ -176,7 +199,15 @@ def _weights_line(train: dict, config: dict) -> str | None:
     return f"- Weights: the raw weights, which scored better on validation than their EMA (decay {decay})"
 
 
-def _body(results: dict, repo_id: str, adapter_only: bool, images, base_model: str | None, dataset: str | None) -> str:
+def _body(
+    results: dict,
+    repo_id: str,
+    adapter_only: bool,
+    images,
+    base_model: str | None,
+    dataset: str | None,
+    model_type: str | None = None,
+) -> str:
     pipeline_tag = results.get("pipeline_tag") or "image-classification"
     headline = results.get("metric_for_best")
     dataset_text = f"[{dataset}](../datasets/{dataset})" if dataset else "a local dataset"
@@ -211,7 +242,7 @@ def _body(results: dict, repo_id: str, adapter_only: bool, images, base_model: s
     for image in images:
         title = PurePath(image).stem.replace("_", " ").capitalize()
         lines += ["", f"### {title}", "", f"![{title}]({image})"]
-    usage = _how_to_use(repo_id, pipeline_tag, adapter_only, base_model, _subtask(results))
+    usage = _how_to_use(repo_id, pipeline_tag, adapter_only, base_model, _subtask(results), model_type)
     lines += ["", "## How to use", "", usage, ""]
     lines += [
         "## Training",

@@ -148,6 +148,7 @@ def collect_files(output_dir: str | Path, repo_id: str, license: str = "apache-2
         dataset=dataset,
         images=images,
         license=license,
+        model_type=json.loads(files["config.json"]).get("model_type") if adapter_only else None,
     )
     files["README.md"] = str(card).encode()
     _add_exports(files, out, repo_id)
