@@ -75,6 +75,27 @@ def test_decoded_items_match_the_per_epoch_pil_path():
     assert not torch.equal(first, decoded[0]["pixel_values"])
 
 
+def test_train_crops_upsample_with_the_processors_interpolation():
+    """Small images (Fashion-MNIST's 28 px) upsampled for training as the saved processor upsamples them for
+    evaluation and pipeline(): bicubic here. Bilinear train crops against a bicubic processor cost 0.7 points."""
+    from transformers import ViTImageProcessor
+
+    dataset = _dataset(_photos((20, 20)))
+    config = parse_config(["--image_size", "32", "--crop_scale_min", "1.0", "--hflip", "false"])
+    task = get_task("classification", config)
+    task.image_column, task.label_column = "image", "label"
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, resample=Image.Resampling.BICUBIC)
+    decoded = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=0)
+    decoded.set_epoch(0)
+    for index, image in enumerate(_photos((20, 20))):
+        train = decoded.dataset.pixel_steps(decoded[index]["pixel_values"][None])[0]
+        evaluation = processor(image, return_tensors="pt")["pixel_values"][0]
+        bilinear = v2.functional.resize(v2.functional.pil_to_tensor(image), [32, 32], antialias=True)
+        old = decoded.dataset.pixel_steps(bilinear[None])[0]
+        assert (train - evaluation).abs().mean() < 0.01, index
+        assert (old - evaluation).abs().mean() > 3 * (train - evaluation).abs().mean(), index
+
+
 @pytest.mark.device
 def test_normalize_uint8_equals_torchvision_normalize():
     pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)

@@ -16,6 +16,7 @@ from hftl.modeling import (
     ensure_rgb,
     load_model_and_processor,
     processor_input_size,
+    processor_interpolation,
     resize_processor,
     resolve_model_path,
 )
@@ -355,7 +356,10 @@ def _random_crop_and_flip(processor, data_args) -> list:
     from torchvision.transforms import v2
 
     size = processor_input_size(processor)
-    steps = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
+    interpolation = processor_interpolation(processor)
+    steps = [
+        v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), interpolation=interpolation, antialias=True)
+    ]
     return steps + [v2.RandomHorizontalFlip()] if data_args.hflip else steps
 
 
