@@ -172,6 +172,31 @@ def test_exif_orientation_is_applied_as_datasets_does():
     assert np.array_equal(kept, shown)
 
 
+def test_images_are_decoded_as_first_read_and_an_unreadable_one_is_skipped_and_named(monkeypatch):
+    """Nothing is decoded before training; the first epoch fills the buffer (the same pixels a replay reads from
+    it, so a resumed epoch trains on identical tensors), and an image that cannot be decoded is dropped from its
+    batch and named."""
+    import hftl.fastpaths.decoded_images as decoded
+
+    monkeypatch.setattr(decoded, "SAMPLE_ROWS", 2)  # the broken row is not among the headers read up front
+    dataset = _dataset(_photos((48, 40), count=6))
+    rows = dataset.to_dict()
+    rows["image"][4] = {"bytes": b"not an image", "path": "broken.png"}
+    dataset = Dataset.from_dict(rows, features=dataset.features)
+    task, processor, config = _task_and_processor()
+    split = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=0)
+    images = split.dataset.images
+    assert not images.shapes.any()  # not one image decoded yet
+    loader = make_loader(split, task.collate, 4, False, 0, 0)
+    first = [batch["pixel_values"] for batch in loader]
+    assert [len(b) for b in first] == [4, 1]  # row 4 dropped from the second batch
+    assert images.shapes[4].tolist() == [-1, -1] and (images.shapes[[0, 1, 2, 3, 5], 0] == 40).all()
+    assert split.dataset.skipped == ["broken.png"]
+    assert np.shares_memory(images[0].numpy(), images.buffer)  # later reads view the filled buffer
+    replay = [batch["pixel_values"] for batch in loader]  # epoch 0 again, now from the buffer
+    assert all(torch.equal(a, b) for a, b in zip(first, replay))
+
+
 SHARED_CACHE_SCRIPT = """
 import json, os, sys
 from accelerate import Accelerator
