@@ -216,7 +216,10 @@ features = Features({"image": ImageFeature(), "label": Value("int64")})
 dataset = Dataset.from_dict({"image": images, "label": list(range(10))}, features=features)
 kept = decoded.decode_images(dataset, "image", 10_000, max_mb=1)
 accelerator.wait_for_everyone()  # the main process unlinks the file once every rank has mapped it
+kept.fill(range(accelerator.process_index, 10, 2))  # each rank decodes half of the rows
+accelerator.wait_for_everyone()
 record = {
+    "all_filled": bool((kept.shapes[:, 0] == 20).all()),  # the other rank's half included
     "writes": len(writes),
     "file": str(kept.buffer.filename),
     "left_on_disk": os.path.exists(kept.buffer.filename),
@@ -239,3 +242,4 @@ def test_two_ranks_share_one_decoded_file_written_once(tmp_path):
     assert ranks[0]["file"] == ranks[1]["file"]  # and both ranks map that one file
     assert not any(r["left_on_disk"] for r in ranks)  # unlinked once mapped: nothing left behind
     assert all(r["pixels_equal"] for r in ranks)
+    assert all(r["all_filled"] for r in ranks)  # what one rank decoded, the other reads
