@@ -8,8 +8,12 @@ row id up to the row count, in the Hub's layout (data/train-*.parquet, validatio
 ~0.35 GB at 1.28M rows. Folders are the same PNGs as files, one sub-folder per class. Each measurement is one
 process from `python` to the first optimizer step's backward pass (a ViT with hidden size 64 at 32 px, batch 32),
 "cold" on the first launch (empty datasets cache / no folder listing) and "warm" on the second. Peak RSS is the
-process's at that point. Generated data and caches live under $HFTL_BENCH_WORK/scale (default /tmp/hftl-bench) and
-are removed at the end (--keep to keep them).
+process's at that point; "anon" and "file" split the RSS at that point into private memory and mapped file pages
+(datasets' memory-mapped Arrow files: clean page cache, shared between processes). "floor" is the same process
+with no data: imports and the model only. With --scan_rows, the folder listing alone (hftl's os.scandir walk, and
+the whole cold listing with its Arrow file) is timed next to a bare os.scandir walk of the same tree, interleaved.
+Generated data and caches live under $HFTL_BENCH_WORK/scale (default /tmp/hftl-bench) and are removed at the end
+(--keep to keep them, and to reuse data kept by an earlier run).
 """
 
 from __future__ import annotations
@@ -101,10 +105,22 @@ def child(args) -> None:
     import torch
 
     def first_step(*_, **__):
-        out = {"seconds": time.time() - args.t0, "peak_rss_mb": peak_rss_mb()}
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        kib = {key: int(status[key].split()[0]) for key in ("RssAnon", "RssFile")}
+        out = {"seconds": time.time() - args.t0, "peak_rss_mb": peak_rss_mb(),
+               "anon_mb": kib["RssAnon"] / 1024, "file_mb": kib["RssFile"] / 1024}  # fmt: skip
         Path(args.result).write_text(json.dumps(out))
         os._exit(0)
 
+    if args.child == "floor":  # what every path pays before any data: imports and the model
+        import transformers  # noqa: F401
+
+        import hftl.runner  # noqa: F401
+        from hftl.tasks.classification.task import ClassificationTask
+
+        config = hftl.runner.parse_config(["--model", args.model], None, hftl.runner.task_args("classification"))
+        ClassificationTask(config).load_model(config.model, dict(enumerate(CLASSES)))
+        first_step()
     if args.child == "hftl":
         import accelerate
 
@@ -156,7 +172,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="*", default=[1000, 10_000, 100_000, 1_280_000])
     parser.add_argument("--folder_rows", type=int, nargs="*", default=[1000, 10_000, 50_000])
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--scan_rows", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the folder-scan timing")
+    parser.add_argument("--keep", action="store_true", help="keep (and reuse) the generated data")
     parser.add_argument("--child"), parser.add_argument("--data"), parser.add_argument("--model")
     parser.add_argument("--out"), parser.add_argument("--result"), parser.add_argument("--t0", type=float)
     args = parser.parse_args()
@@ -166,15 +184,25 @@ def main() -> None:
     model = write_vit_folder(ROOT / "vit-tiny-32", "vit-tiny", 32, len(CLASSES))
     pngs, labels = fashion_pngs()
     rows_out = []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    floor = measure("floor", ROOT, model, env)
+    print("floor", floor, flush=True)
     cases = [("parquet", n) for n in args.rows] + [("folder", n) for n in args.folder_rows]
+    cases += [("scan", n) for n in args.scan_rows]
     try:
         for layout, n in cases:
-            data = ROOT / f"{layout}-{n}"
-            shutil.rmtree(data, ignore_errors=True)
+            data = ROOT / f"{'parquet' if layout == 'parquet' else 'folder'}-{n}"
             start = time.perf_counter()
-            (write_parquet if layout == "parquet" else write_folder)(data, n, pngs, labels)
+            if not (args.keep and data.exists()):
+                shutil.rmtree(data, ignore_errors=True)
+                (write_parquet if layout == "parquet" else write_folder)(data, n, pngs, labels)
             written = time.perf_counter() - start
             row = {"layout": layout, "rows": n, "write_s": round(written, 1)}
+            if layout == "scan":
+                row.update(scan_ratio(data, args.repeats))
+                print(row, flush=True)
+                rows_out.append(row)
+                continue
             if layout == "folder":
                 row["scandir_s"] = round(scandir_seconds(data), 2)
             for kind in ("hftl", "plain"):
@@ -187,21 +215,57 @@ def main() -> None:
                     print(layout, n, kind, launch, got, flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
             rows_out.append(row)
-            shutil.rmtree(data, ignore_errors=True)
-            (ROOT.parent / "scale.json").write_text(json.dumps(rows_out, indent=1))
+            if not args.keep:
+                shutil.rmtree(data, ignore_errors=True)
+            (ROOT.parent / "scale.json").write_text(json.dumps({"floor": floor, "rows": rows_out}, indent=1))
     finally:
         if not args.keep:
             shutil.rmtree(ROOT, ignore_errors=True)
-    print_table(rows_out)
+    print_table(floor, rows_out)
 
 
-def print_table(rows: list[dict]) -> None:
+def scan_ratio(folder: Path, repeats: int) -> dict:
+    """Medians of interleaved timings: a bare os.scandir walk, hftl's scan, and hftl's whole cold listing."""
+    import statistics
+
+    from hftl import local_data
+
+    def timed(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    cache = ROOT / "listing-cache"
+
+    def cold_listing():
+        shutil.rmtree(cache, ignore_errors=True)
+        local_data.load_imagefolder(str(folder), cache_dir=str(cache))
+
+    times = {"walk_s": [], "scan_s": [], "listing_s": []}
+    for _ in range(repeats):
+        times["walk_s"].append(scandir_seconds(folder))
+        times["scan_s"].append(timed(lambda: local_data._scan(folder)))
+        times["listing_s"].append(timed(cold_listing))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    return out | {"scan_x": out["scan_s"] / out["walk_s"], "listing_x": out["listing_s"] / out["walk_s"]}
+
+
+def print_table(floor: dict, rows: list[dict]) -> None:
     def cell(got):
-        return f"{got['seconds']:.1f} s / {got['peak_rss_mb'] / 1024:.2f} GB" if "seconds" in got else "failed"
+        if "seconds" not in got:
+            return "failed"
+        anon, file = got["anon_mb"] / 1024, got["file_mb"] / 1024
+        return f"{got['seconds']:.1f} s / {got['peak_rss_mb'] / 1024:.2f} GB ({anon:.2f} anon + {file:.2f} file)"
 
+    print(f"floor (imports + model, no data): {cell(floor)}")
+    for r in rows:
+        if r["layout"] == "scan":
+            print(f"folder scan at {r['rows']:,} files: hftl's scan {r['scan_s']:.2f} s = {r['scan_x']:.2f}x a bare "
+                  f"os.scandir walk ({r['walk_s']:.2f} s); whole cold listing {r['listing_s']:.2f} s = "
+                  f"{r['listing_x']:.2f}x")  # fmt: skip
     print("| data | rows | hftl cold | hftl warm | plain cold | plain warm | os.scandir walk |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in (r for r in rows if r["layout"] != "scan"):
         walk = f"{r['scandir_s']:.2f} s" if "scandir_s" in r else ""
         print(f"| {r['layout']} | {r['rows']:,} | {cell(r['hftl_cold'])} | {cell(r['hftl_warm'])} | "
               f"{cell(r['plain_cold'])} | {cell(r['plain_warm'])} | {walk} |")  # fmt: skip

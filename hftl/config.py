@@ -70,10 +70,11 @@ class DataArgs:
     on_bad_image: Literal["error", "skip"] = field(
         default="error",
         metadata={
-            "help": "'error': open every image before training (headers and a reduced-scale decode, in threads) and "
-            "stop naming all unreadable ones; 'skip': drop them and name them in all_results.json. A --streaming "
-            "train split, or a train split over 100k rows (where opening every image first would take minutes), is "
-            "checked as it is read instead: unreadable images are skipped and named (all_results.json)."
+            "help": "'error': open every image before training (headers and a reduced-scale decode, in threads, "
+            "once per run on the main process) and stop naming all unreadable ones; 'skip': drop them and name them "
+            "in all_results.json. A --streaming train split, or a train split over 10,000 rows (where opening every "
+            "image first would cost more than a few seconds), is checked as it is read instead: whatever this says, "
+            "unreadable images are skipped and named in all_results.json."
         },
     )
     streaming: bool = field(

@@ -77,16 +77,19 @@ def _check_output_dir(config: RunConfig) -> None:
         )
 
 
-def prepare_data(task: Task, config: RunConfig, skipped: dict | None = None) -> tuple[DatasetDict, DataSpec]:
+def prepare_data(
+    task: Task, config: RunConfig, skipped: dict | None = None, check: bool = True
+) -> tuple[DatasetDict, DataSpec]:
     """Loads and checks the dataset; returns (DatasetDict with train/validation/test, what the task found in it).
-    Images dropped by `--on_bad_image skip` are added to `skipped` ({split: [file, ...]}) when given."""
+    Images dropped by `--on_bad_image skip` are added to `skipped` ({split: [file, ...]}) when given. `check`
+    False leaves the image check to the caller (load_data: once for all ranks)."""
     data_args, seed = config.data, config.train.seed
     dsd = load_dataset_dict(data_args, task)
     dsd = standard_splits(dsd, data_args, seed, stratify_column=data_args.label_column or "label")
     spec = task.data_spec(dsd, data_args)
     dsd = task.encode_labels(dsd, spec.label_names)
     dsd = subsample(dsd, data_args, seed, spec.label_column)
-    if spec.image_column:
+    if check and spec.image_column:
         dsd, dropped = check_images(dsd, spec.image_column, data_args.on_bad_image)
         if skipped is not None:
             skipped.update(dropped)
@@ -175,7 +178,11 @@ def load_data(run: Run) -> Run:
 
             run.dsd, run.spec, run.stream = prepare_streaming(task, config, run.skipped_images)
         else:
-            run.dsd, run.spec = prepare_data(task, config, run.skipped_images)
+            run.dsd, run.spec = prepare_data(task, config, check=False)
+    if not config.data.streaming and run.spec.image_column:
+        # outside main_process_first: the main process opens the images, the other ranks get its findings
+        run.dsd, dropped = check_images(run.dsd, run.spec.image_column, config.data.on_bad_image, shared=True)
+        run.skipped_images.update(dropped)
     run.sizes = {split: len(ds) for split, ds in run.dsd.items()} | ({"train": run.stream[1]} if run.stream else {})
     logger.info(
         f"data: {config.data.dataset}: {len(run.spec.label_names)} classes; "
@@ -244,7 +251,8 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
         if decoded is not None:  # augmented epochs from images decoded once (hftl/fastpaths/decoded_images.py)
             train_ds = decoded
-            logger.info(f"train images decoded once: {decoded.images.megabytes:.1f} MB in memory")
+            megabytes = decoded.images.megabytes
+            logger.info(f"train images kept decoded as first read: up to {megabytes:.1f} MB per node")
     # --- end fast paths ---
     # the probe's cached features are not images: no batch-level augmentation for them
     train_collate = task.train_collate(config.data, len(spec.label_names)) if probe is None else None
@@ -282,7 +290,7 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
     # train images skipped as they were read (a stream, or a train split too large to check up front)
     from accelerate.utils import gather_object
 
-    read_bad = train_ds.skipped if stream is not None else task.unreadable_train_images()
+    read_bad = [*getattr(train_ds, "skipped", []), *task.unreadable_train_images()]
     read_bad = sorted(set(gather_object(list(read_bad)))) if accelerator.num_processes > 1 else sorted(set(read_bad))
     if read_bad:
         run.skipped_images["train"] = sorted(set(run.skipped_images.get("train", [])) | set(read_bad))

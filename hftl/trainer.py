@@ -89,6 +89,12 @@ class SeededItems(torch.utils.data.Dataset):
             torch.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
             return self.dataset[index]
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """The DataLoader's batch fetch: a dataset with `prefetch` (decoded_images) gets the batch's rows first."""
+        if hasattr(self.dataset, "prefetch"):
+            self.dataset.prefetch(indices)
+        return [self[index] for index in indices]
+
 
 def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, num_workers: int | None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)

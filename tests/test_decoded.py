@@ -193,6 +193,31 @@ def test_exif_orientation_is_applied_as_datasets_does():
     assert np.array_equal(kept, shown)
 
 
+def test_images_are_decoded_as_first_read_and_an_unreadable_one_is_skipped_and_named(monkeypatch):
+    """Nothing is decoded before training; the first epoch fills the buffer (the same pixels a replay reads from
+    it, so a resumed epoch trains on identical tensors), and an image that cannot be decoded is dropped from its
+    batch and named."""
+    import hftl.fastpaths.decoded_images as decoded
+
+    monkeypatch.setattr(decoded, "SAMPLE_ROWS", 2)  # the broken row is not among the headers read up front
+    dataset = _dataset(_photos((48, 40), count=6))
+    rows = dataset.to_dict()
+    rows["image"][4] = {"bytes": b"not an image", "path": "broken.png"}
+    dataset = Dataset.from_dict(rows, features=dataset.features)
+    task, processor, config = _task_and_processor()
+    split = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=0)
+    images = split.dataset.images
+    assert not images.shapes.any()  # not one image decoded yet
+    loader = make_loader(split, task.collate, 4, False, 0, 0)
+    first = [batch["pixel_values"] for batch in loader]
+    assert [len(b) for b in first] == [4, 1]  # row 4 dropped from the second batch
+    assert images.shapes[4].tolist() == [-1, -1] and (images.shapes[[0, 1, 2, 3, 5], 0] == 40).all()
+    assert split.dataset.skipped == ["broken.png"]
+    assert np.shares_memory(images[0].numpy(), images.buffer)  # later reads view the filled buffer
+    replay = [batch["pixel_values"] for batch in loader]  # epoch 0 again, now from the buffer
+    assert all(torch.equal(a, b) for a, b in zip(first, replay))
+
+
 SHARED_CACHE_SCRIPT = """
 import json, os, sys
 from accelerate import Accelerator
@@ -212,7 +237,10 @@ features = Features({"image": ImageFeature(), "label": Value("int64")})
 dataset = Dataset.from_dict({"image": images, "label": list(range(10))}, features=features)
 kept = decoded.decode_images(dataset, "image", 10_000, max_mb=1)
 accelerator.wait_for_everyone()  # the main process unlinks the file once every rank has mapped it
+kept.fill(range(accelerator.process_index, 10, 2))  # each rank decodes half of the rows
+accelerator.wait_for_everyone()
 record = {
+    "all_filled": bool((kept.shapes[:, 0] == 20).all()),  # the other rank's half included
     "writes": len(writes),
     "file": str(kept.buffer.filename),
     "left_on_disk": os.path.exists(kept.buffer.filename),
@@ -235,3 +263,4 @@ def test_two_ranks_share_one_decoded_file_written_once(tmp_path):
     assert ranks[0]["file"] == ranks[1]["file"]  # and both ranks map that one file
     assert not any(r["left_on_disk"] for r in ranks)  # unlinked once mapped: nothing left behind
     assert all(r["pixels_equal"] for r in ranks)
+    assert all(r["all_filled"] for r in ranks)  # what one rank decoded, the other reads

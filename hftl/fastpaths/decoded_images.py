@@ -7,9 +7,10 @@ crops, resizes and flips uint8 tensors (torchvision v2, drawing from the same RN
 seeded and resumable), and the batch is converted to float and normalised at once, on the device
 (`normalize_uint8`): 4x less to copy to a GPU, no per-image float work on the CPU.
 
-A split is cached only when its decoded pixels fit in `max_mb` (known from the image headers, before decoding);
-otherwise the per-epoch path runs as before. The buffer is one memory-mapped file per node, shared by the local ranks
-and their DataLoader workers.
+A split is cached only when its decoded pixels fit in `max_mb` (estimated from a sample of the image headers);
+otherwise the per-epoch path runs as before. Nothing is decoded before training: the first epoch decodes each image
+where it is read and keeps it, later epochs read what it kept. The buffer is one memory-mapped file per node, shared
+by the local ranks and their DataLoader workers.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ import torch
 from datasets import Image as ImageFeature
 from PIL import ExifTags, Image, ImageOps
 
+from hftl.image_check import describe
+from hftl.log import get_logger
 from hftl.modeling import ensure_rgb
 from hftl.system import cores_per_local_process
+
+logger = get_logger(__name__)
 
 # RandomResizedCrop's default aspect-ratio range; its narrowest crop side is sqrt(area * scale * 3/4)
 MIN_ASPECT = 3 / 4
@@ -50,18 +55,62 @@ def crop_min_area(size: int, crop_scale_min: float) -> int:
 
 
 class DecodedImages:
-    """Images as one uint8 buffer; `images[i]` is a (3, H, W) uint8 tensor viewing it."""
+    """The train split's images as one uint8 buffer, filled as they are first read; `images[i]` is a (3, H, W) uint8
+    tensor viewing it, or None for an image that cannot be decoded.
 
-    def __init__(self, buffer: np.ndarray, offsets: np.ndarray, shapes: np.ndarray):
-        self.buffer, self.offsets, self.shapes = buffer, offsets, shapes
+    Row i has a slot of `slot` bytes at i * slot (the largest decoded size in a sample of the headers), so nothing
+    has to be read before the first step: the first epoch decodes each image where it is read (in threads, batch by
+    batch: `fill`) and writes it into the slot; later epochs, other local ranks and DataLoader workers read the
+    slot. `shapes[i]` says what row i holds: (0, 0) not yet decoded, (-1, -1) unreadable, else (H, W), written after
+    the pixels. The rare image larger than its slot is decoded on every read instead."""
+
+    def __init__(self, path: Path, rows: int, slot: int, raw, image_column: str, min_area: int):
+        self.slot, self.raw, self.image_column, self.min_area = slot, raw, image_column, min_area
+        # reads go through a copy-on-write view (torch needs a writable array, and nothing may write the shared
+        # pages by accident); fills through a shared mapping of the same file, which Linux shows in the other at once
+        self.buffer = np.memmap(path.with_suffix(".u8"), dtype=np.uint8, mode="c")
+        self._writer = np.memmap(path.with_suffix(".u8"), dtype=np.uint8, mode="r+")
+        self.shapes = np.memmap(path.with_suffix(".shapes"), dtype=np.int32, mode="r+", shape=(rows, 2))
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.shapes)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor | None:
         height, width = (int(v) for v in self.shapes[index])
-        start = int(self.offsets[index])
+        if height == 0:
+            pixels = self._decode(index)
+            return None if pixels is None else torch.from_numpy(pixels)
+        if height < 0:
+            return None
+        start = index * self.slot
         return torch.from_numpy(self.buffer[start : start + 3 * height * width]).view(3, height, width)
+
+    def fill(self, indices) -> None:
+        """Decodes the rows of `indices` not decoded yet, in threads (PIL releases the GIL while decoding)."""
+        missing = [int(i) for i in indices if self.shapes[i][0] == 0]
+        if len(missing) > 1:
+            with ThreadPoolExecutor(min(len(missing), cores_per_local_process())) as pool:
+                list(pool.map(self._decode, missing))
+
+    def _decode(self, index: int) -> np.ndarray | None:
+        item = self.raw[index][self.image_column]
+        try:
+            pixels = decode_one(item, self.min_area)
+        except (OSError, ValueError, TypeError, SyntaxError):
+            self.shapes[index] = (-1, -1)
+            logger.info(f"skipped an unreadable image: {describe(item)}", main_process_only=False)
+            return None
+        if pixels.size <= self.slot:
+            start = index * self.slot
+            self._writer[start : start + pixels.size] = pixels.reshape(-1)
+            self.shapes[index] = pixels.shape[1:]  # last: the row is complete
+        return pixels
+
+    @property
+    def skipped(self) -> list[str]:
+        """Names of the images found unreadable so far, by any local rank or worker."""
+        bad = np.flatnonzero(self.shapes[:, 0] < 0)
+        return [describe(self.raw[int(i)][self.image_column]) for i in bad]
 
     @property
     def megabytes(self) -> float:
@@ -72,40 +121,50 @@ def _open(item) -> Image.Image:
     return Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
 
 
-def _header(item) -> tuple[int, int, bool, bool]:
-    """(width, height) as datasets shows the image (EXIF orientation applied), turned, swapped."""
+def _header(item) -> tuple[int, int]:
+    """(width, height) as datasets shows the image (EXIF orientation applied)."""
     with _open(item) as image:
         orientation = image.getexif().get(ExifTags.Base.Orientation)
         width, height = image.size
-    swapped = orientation in (5, 6, 7, 8)  # quarter turns swap the sides
-    return (height, width, True, True) if swapped else (width, height, orientation is not None, False)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # quarter turns swap the sides
 
 
-def _safe_header(item):
-    try:
-        return _header(item)
-    except (OSError, ValueError, TypeError, SyntaxError):
-        return None
+def decode_one(item, min_area: int) -> np.ndarray:
+    """(3, H, W) uint8 pixels of an encoded image as datasets decodes it, kept at `stored_size`."""
+    with _open(item) as image:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+        swapped = orientation in (5, 6, 7, 8)  # quarter turns swap the sides
+        shown = image.size[::-1] if swapped else image.size
+        width, height = stored_size(*shown, min_area)
+        if image.size[0] * image.size[1] > width * height:  # JPEG: decode at a reduced scale straight away
+            image.draft(image.mode, (height, width) if swapped else (width, height))
+        if orientation is not None:  # as datasets' Image feature decodes it
+            image = ImageOps.exif_transpose(image)
+        image = ensure_rgb(image)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
 
 
 def decode_images(dataset, image_column: str, min_area: int, max_mb: float):
-    """Decodes `dataset[image_column]` into a `DecodedImages`, or returns None when the pixels would not fit in
-    `max_mb` (decided from the headers) or the column holds no encoded images.
+    """A `DecodedImages` over `dataset[image_column]`, or None when the pixels would not fit in `max_mb` or the column
+    holds no encoded images. Reads only a sample of the headers: the cost before training does not grow with the
+    rows.
 
-    One copy per node: the local main process decodes into a file that every local rank maps (and the DataLoader
-    workers they fork inherit), so `max_mb` counts the node. The file is unlinked once all ranks have mapped it: its
-    pages live as long as the mappings, and nothing is left on disk. A sample of the headers decides first whether
-    the split can fit at all, so a split far over the cap costs nothing here however many rows it has."""
+    One copy per node: the local main process creates the (sparse) file, every local rank maps it (and the
+    DataLoader workers they fork inherit the mappings), so `max_mb` counts the node and a row decoded by any of them
+    is there for all. The file is unlinked once all ranks have mapped it: its pages live as long as the mappings,
+    and nothing is left on disk."""
     if max_mb <= 0 or not len(dataset) or not isinstance(dataset.features.get(image_column), ImageFeature):
         return None
-    # one batch of encoded images in memory at a time: the files may be far larger than what is kept
+    # encoded images are read row by row: the files may be far larger than what is kept
     raw = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
     sample = raw.select(range(min(SAMPLE_ROWS, len(raw))))[image_column]
     try:
-        mean = np.mean([3 * math.prod(stored_size(*_header(item)[:2], min_area)) for item in sample])
-    except (OSError, ValueError, TypeError, SyntaxError):  # an unreadable image (a large split is checked as read)
+        slot = max(3 * math.prod(stored_size(*_header(item), min_area)) for item in sample)
+    except (OSError, ValueError, TypeError, SyntaxError):  # an unreadable image in the sample: the per-epoch path
         return None
-    if mean * len(raw) / 2**20 > max_mb * 1.25:  # clearly over: not worth reading every header to be sure
+    if slot * len(raw) / 2**20 > max_mb:
         return None
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
@@ -113,73 +172,26 @@ def decode_images(dataset, image_column: str, min_area: int, max_mb: float):
     state = PartialState()
     name = [uuid.uuid4().hex]
     if state.num_processes > 1:
-        broadcast_object_list(name)  # every rank must open the file its node's main process writes
+        broadcast_object_list(name)  # every rank must open the file its node's main process creates
     path = Path(tempfile.gettempdir()) / f"hftl-decoded-{name[0]}"
     with state.local_main_process_first():
         if state.is_local_main_process:
-            _write(raw, image_column, min_area, max_mb, path)
-        images = _map(path)
+            _write(path, len(raw), slot)
+        images = DecodedImages(path, len(raw), slot, raw, image_column, min_area)
     state.wait_for_everyone()
     if state.is_local_main_process:
-        for suffix in (".u8", ".npz"):
+        for suffix in (".u8", ".shapes"):
             path.with_suffix(suffix).unlink(missing_ok=True)
     return images
 
 
-def _write(raw, image_column: str, min_area: int, max_mb: float, path: Path) -> None:
-    """Decodes into `path`.u8 and writes the layout to `path`.npz last (the marker that the file is complete); only
-    the layout, with no rows, when the pixels would not fit in `max_mb`."""
-    # the other local ranks wait meanwhile: this process may use the node's cores
-    threads = cores_per_local_process(local_processes=1)
-    with ThreadPoolExecutor(threads) as pool:
-        headers = [h for batch in raw.iter(batch_size=256) for h in pool.map(_safe_header, batch[image_column])]
-    if None in headers:  # an unreadable image: the per-epoch path reads the split and skips it
-        np.savez(path.with_suffix(".npz"), offsets=np.zeros(0, np.int64), shapes=np.zeros((0, 2), np.int32))
-        return
-    sizes = [stored_size(w, h, min_area) for w, h, _, _ in headers]
-    lengths = np.array([3 * w * h for w, h in sizes], dtype=np.int64)
-    if lengths.sum() / 2**20 > max_mb:
-        np.savez(path.with_suffix(".npz"), offsets=np.zeros(0, np.int64), shapes=np.zeros((0, 2), np.int32))
-        return
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    buffer = np.memmap(path.with_suffix(".u8"), dtype=np.uint8, mode="w+", shape=(max(1, int(lengths.sum())),))
-
-    def decode(index: int, item: dict) -> None:
-        width, height = sizes[index]
-        turned, swapped = headers[index][2:]
-        with _open(item) as image:
-            if image.size[0] * image.size[1] > width * height:  # JPEG: decode at a reduced scale straight away
-                image.draft(image.mode, (height, width) if swapped else (width, height))
-            if turned:  # as datasets' Image feature decodes it
-                image = ImageOps.exif_transpose(image)
-            image = ensure_rgb(image)
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            pixels = np.asarray(image).transpose(2, 0, 1)
-        buffer[offsets[index] : offsets[index] + lengths[index]] = pixels.reshape(-1)
-
-    # PIL releases the GIL while decoding and resizing
-    with ThreadPoolExecutor(threads) as pool:
-        start = 0
-        for batch in raw.iter(batch_size=256):
-            column = batch[image_column]
-            list(pool.map(decode, range(start, start + len(column)), column))
-            start += len(column)
-    buffer.flush()
-    shapes = np.array([(h, w) for w, h in sizes], dtype=np.int32)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, offsets=offsets, shapes=shapes)
-    os.replace(tmp, path.with_suffix(".npz"))
-
-
-def _map(path: Path) -> DecodedImages | None:
-    layout = np.load(path.with_suffix(".npz"))
-    offsets, shapes = layout["offsets"], layout["shapes"]
-    if not len(offsets):
-        return None
-    # copy-on-write: pages stay shared with every rank and worker (nothing writes them); torch needs a writable view
-    buffer = np.memmap(path.with_suffix(".u8"), dtype=np.uint8, mode="c")
-    return DecodedImages(buffer, offsets, shapes)
+def _write(path: Path, rows: int, slot: int) -> None:
+    """Creates the node's files: pixels and shapes, sparse (no page is stored until a row is decoded into it)."""
+    for suffix, size in ((".u8", rows * slot), (".shapes", rows * 8)):
+        tmp = path.with_suffix(suffix + ".tmp")
+        with open(tmp, "wb") as f:
+            f.truncate(max(1, size))
+        os.replace(tmp, path.with_suffix(suffix))
 
 
 class AugmentedDecodedSplit(torch.utils.data.Dataset):
@@ -193,9 +205,19 @@ class AugmentedDecodedSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict:
-        pixels = self.transform(self.images[index])
-        return {"pixel_values": pixels, "labels": self.labels[index], "pixel_steps": self.pixel_steps}
+    def __getitem__(self, index: int) -> dict | None:
+        image = self.images[index]
+        if image is None:  # unreadable: the collate function drops it (named in `skipped`)
+            return None
+        pixels = self.transform(image)
+        return {"pixel_values": pixels, "labels": int(self.labels[index]), "pixel_steps": self.pixel_steps}
+
+    def prefetch(self, indices) -> None:
+        self.images.fill(indices)
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.images.skipped
 
 
 def normalize_uint8(pixels: torch.Tensor, mean, std) -> torch.Tensor:

@@ -244,7 +244,8 @@ class ClassificationTask(Task):
         if images is None:
             return None
         augment = v2.Compose(_random_crop_and_flip(processor, data_args) + item_augmentations(data_args))
-        split = AugmentedDecodedSplit(images, list(train[self.label_column]), augment, steps)
+        labels = train.with_format("numpy")[self.label_column]  # one array, not a list of Python ints per row
+        split = AugmentedDecodedSplit(images, labels, augment, steps)
         return WithMixSeed(split) if mixes(data_args) else split
 
     def unreadable_train_images(self) -> list[str]:
@@ -258,6 +259,7 @@ class ClassificationTask(Task):
 
     @staticmethod
     def collate(examples: list[dict]) -> dict:
+        examples = [e for e in examples if e is not None]  # unreadable images found as read (decoded_train_split)
         batch = {
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
@@ -271,7 +273,7 @@ class ClassificationTask(Task):
         mixer = batch_mixer(data_args, num_classes)
         if mixer is None:
             return self.collate
-        return lambda examples: mixer(self.collate(examples), examples[0]["mix_seed"])
+        return lambda examples: mixer(self.collate(examples), next(e for e in examples if e is not None)["mix_seed"])
 
     def forward(self, model, batch):
         pixels = batch["pixel_values"]
