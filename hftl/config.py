@@ -260,6 +260,13 @@ class TrainArgs:
             "when the head's output is post-processed."
         },
     )
+    probe_standardise: bool = field(
+        default=True,
+        metadata={
+            "help": "linear-probe on cached features: train the head on standardised features (train mean and std "
+            "per dimension, folded into the head's weights at the end, so the saved model takes raw features)."
+        },
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty folder."})
 
 

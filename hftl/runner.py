@@ -286,6 +286,8 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
             train_collate_fn=train_collate,
             processor=processor,
         )
+    if probe is not None:  # the head trained on standardised features: fold that into its weights
+        train_adapted.model.fold()
     run.model = accelerator.unwrap_model(adapted.model)
     # train images skipped as they were read (a stream, or a train split too large to check up front)
     from accelerate.utils import gather_object

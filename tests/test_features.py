@@ -11,12 +11,14 @@ from torch import nn
 from transformers import AutoModelForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hftl.fastpaths.probe_features import HeadMismatch, extract_head_inputs
+from hftl.fastpaths.probe_features import HeadMismatch, HeadOnly, extract_head_inputs
 from hftl.runner import run
 
 
 def _probe(data: Path, model: Path, out: Path, cache: bool) -> dict:
+    # raw features on both paths: the uncached path has no train statistics to standardise with
     argv = ["--dataset", str(data), "--model", str(model), "--strategy", "linear-probe", "--augment", "false"]
+    argv += ["--probe_standardise", "false"]
     argv += ["--num_epochs", "3", "--batch_size", "8", "--learning_rate", "5.0e-2", "--report_to", "none"]
     argv += ["--output_dir", str(out), "--cache_features", str(cache).lower(), "--checkpoint_every_epoch", "false"]
     return run("classification", argv)
@@ -104,3 +106,59 @@ def test_cached_split_processes_each_row_once_and_returns_the_same_items():
     assert [item["labels"] for item in again] == list(range(6))
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, again))
     assert cache_processed({"validation": plain}, ["validation"], max_mb=0)["validation"] is plain
+
+
+@pytest.mark.slow
+def test_probe_trains_on_tiny_features_and_saves_raw_feature_weights(tmp_path, tiny_timm_dir):
+    """The tiny random timm ResNet's features are ~1e-6 on digits: on raw features AdamW at lr 0.02 left the head at
+    chance (test accuracy 0.10, loss ln 10, where logistic regression on standardised features gets 0.85); the head
+    trains on standardised features and the saved model, which takes raw features, scores what the probe did."""
+    argv = ["--dataset", "hftl/digits", "--model", str(tiny_timm_dir), "--strategy", "linear-probe", "--shots", "10",
+            "--image_size", "32", "--hflip", "false", "--learning_rate", "2.0e-2", "--max_steps", "60",
+            "--batch_size", "16", "--max_eval_samples", "100", "--eval_every_epochs", "1000", "--report_to", "none",
+            "--output_dir", str(tmp_path / "probe"), "--checkpoint_every_epoch", "false"]  # fmt: skip
+    result = run("classification", argv)
+    assert result["test"]["accuracy"] > 0.5, result["test"]  # chance is 0.1
+    # the probe's last evaluation ran on standardised cached features, the test on the saved (folded) full model
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "probe").eval()
+    head = reloaded.get_submodule("timm_model.fc")
+    assert head.weight.abs().max() > 1e3  # raw-feature weights: the features are tiny
+
+
+def _tiny_features(shape=(40, 6)):
+    generator = torch.Generator().manual_seed(0)
+    return 1e-6 * torch.randn(shape, generator=generator) + 3e-6 * torch.rand(shape[1], generator=generator)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [nn.Linear(6, 3), nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(6, 3)), nn.Linear(6, 3, bias=False)],
+    ids=["linear", "flatten-linear", "no-bias"],
+)
+def test_standardising_keeps_the_heads_function_and_folds_back(head):
+    torch.manual_seed(0)
+    head.eval()
+    features = _tiny_features()
+    before = head(features).detach()
+    probe = HeadOnly(head)
+    assert probe.standardise(features) is None
+    inputs = (features - probe.mean) / probe.scale
+    assert inputs.std(0).sub(1).abs().max() < 1e-4  # what the head trains on
+    if isinstance(head, nn.Sequential) or head.bias is not None:
+        assert inputs.mean(0).abs().max() < 1e-4
+    torch.testing.assert_close(probe(features).logits, before, rtol=1e-4, atol=1e-12)
+    with torch.no_grad():  # a training step's worth of change in the standardised parametrisation
+        linear = head if isinstance(head, nn.Linear) else head[2]
+        linear.weight.add_(0.5)
+    trained = probe(features).logits.detach()
+    probe.fold()
+    assert probe.mean is None and probe.scale is None
+    torch.testing.assert_close(head(features), trained, rtol=1e-4, atol=1e-6)
+
+
+def test_a_head_that_is_not_one_linear_trains_on_raw_features():
+    head = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    weights = {k: v.clone() for k, v in head.state_dict().items()}
+    probe = HeadOnly(head)
+    assert "not one Linear" in probe.standardise(_tiny_features())
+    assert probe.mean is None and all(torch.equal(v, head.state_dict()[k]) for k, v in weights.items())

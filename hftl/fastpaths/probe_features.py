@@ -9,6 +9,13 @@ weights therefore end up in the full model, which is saved and tested as usual (
 The head's input is not always the pooled features (ResNet's classifier is Sequential(Flatten, Linear); timm keeps
 its classifier at `timm_model.classifier`): the task names the head layer, and the first batch checks that the head
 applied to the captured input reproduces the model's logits. If it does not, the uncached path is used.
+
+The head trains on standardised features (each input dimension shifted and scaled by the train features' mean and
+standard deviation, as a logistic-regression probe does) and the standardisation is folded into the head's Linear
+layer at the end, so the saved model takes raw features. Without it a backbone whose features are tiny (a randomly
+initialised one: 1e-6 on digits) leaves the head untrained — AdamW's steps of lr move the logits by lr × feature.
+The head's starting weights are rescaled to compute the same function (a text-initialised head starts where it
+was), and a head that is not one Linear layer behind shape-only modules trains on raw features.
 """
 
 from __future__ import annotations
@@ -29,14 +36,74 @@ SUPPORTED_TASKS = ("classification",)
 
 
 class HeadOnly(nn.Module):
-    """The model's head module, fed cached head inputs through the `pixel_values` argument tasks already pass."""
+    """The model's head module, fed cached head inputs through the `pixel_values` argument tasks already pass;
+    standardised first when `standardise` has set a mean and scale (call `fold` after training)."""
 
     def __init__(self, head: nn.Module):
         super().__init__()
         self.head = head
+        self.register_buffer("mean", None, persistent=False)
+        self.register_buffer("scale", None, persistent=False)
 
     def forward(self, pixel_values: torch.Tensor, **unused) -> ImageClassifierOutput:
+        if self.mean is not None:
+            pixel_values = (pixel_values - self.mean) / self.scale
         return ImageClassifierOutput(logits=self.head(pixel_values))
+
+    @torch.no_grad()
+    def standardise(self, features: torch.Tensor) -> str | None:
+        """Train on (x − mean) / scale from here on, with the head's Linear rescaled so the output is unchanged;
+        returns why not where the head cannot take it (then nothing changed)."""
+        linear = _only_linear(self.head)
+        if linear is None or features[0].numel() != linear.in_features or len(features) < 2:
+            return "the head is not one Linear layer over the flattened features"
+        mean, std = features.double().mean(0), features.double().std(0)
+        if linear.bias is None:  # nowhere to fold a shift into: scale only
+            mean = torch.zeros_like(mean)
+        # a constant dimension (dead unit) keeps scale 1: it is 0 after centring either way
+        scale = torch.where(std > 1e-12 * std.max().clamp_min(1e-300), std, torch.ones_like(std))
+        device = linear.weight.device
+        sample = features[:8].to(device)
+        before = self.head(sample)
+        _affine(linear, scale.flatten(), mean.flatten(), fold=False)
+        self.mean, self.scale = mean.float().to(device), scale.float().to(device)
+        after = self.forward(sample).logits
+        if not torch.allclose(after.float(), before.float(), rtol=1e-3, atol=1e-5 * before.abs().max().item()):
+            self.fold()  # the layer sees something other than the flattened input: back to raw features
+            return "the head's Linear does not see the flattened features"
+        return None
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Put the standardisation into the head's Linear weights: the head then takes raw features again."""
+        if self.mean is not None:
+            _affine(_only_linear(self.head), self.scale.double().flatten(), self.mean.double().flatten(), fold=True)
+            self.mean, self.scale = None, None
+
+
+def _only_linear(head: nn.Module) -> nn.Linear | None:
+    """The head's one Linear layer, where everything else in it is parameter-free (Flatten, Dropout, Identity)."""
+    if isinstance(head, nn.Linear):
+        return head
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    others = sum(p.numel() for p in head.parameters()) - sum(p.numel() for m in linears for p in m.parameters())
+    return linears[0] if len(linears) == 1 and others == 0 else None
+
+
+def _affine(linear: nn.Linear, scale: torch.Tensor, mean: torch.Tensor, fold: bool) -> None:
+    """W x + b = W' (x − μ)/σ + b' with W' = W σ, b' = b + W μ; `fold` goes back (W = W'/σ, b = b' − W μ)."""
+    weight = linear.weight.double()
+    bias = linear.bias.double() if linear.bias is not None else torch.zeros(len(weight), dtype=torch.float64)
+    scale, mean = scale.to(weight.device), mean.to(weight.device)
+    if fold:
+        weight = weight / scale
+        bias = bias - weight @ mean
+    else:
+        bias = bias + weight @ mean
+        weight = weight * scale
+    linear.weight.copy_(weight.to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_(bias.to(linear.bias.dtype))
 
 
 class FeatureDataset(Dataset):
@@ -117,5 +184,10 @@ def cached_linear_probe(task, adapted: Adapted, dsd, processor, config, accelera
         f"cache_features: backbone ran once; head trains on {len(cached['train'])} cached features of size "
         f"{tuple(cached['train'].features.shape[1:])} (no augmentation)."
     )
-    head_only = Adapted(HeadOnly(head), adapted.param_groups, adapted.trainable, adapted.total)
+    head_only = HeadOnly(head)
+    if config.train.probe_standardise:
+        why_not = head_only.standardise(cached["train"].features)
+        if why_not:
+            accelerator.print(f"cache_features: the head trains on raw features ({why_not}).")
+    head_only = Adapted(head_only, adapted.param_groups, adapted.trainable, adapted.total)
     return head_only, cached["train"], cached["validation"], collate_features
