@@ -137,7 +137,7 @@ class StrategyArgs:
     merge_lora: bool = field(
         default=True, metadata={"help": "Also save merged weights so plain pipeline() loads the output folder."}
     )
-    # zero-shot dual encoders (CLIP, SigLIP): hftl/zeroshot.py, hftl/wiseft.py
+    # zero-shot dual encoders (CLIP, SigLIP, SigLIP 2): hftl/zeroshot.py, hftl/wiseft.py
     head_init: Literal["random", "text"] = field(
         default="random",
         metadata={"help": "Dual encoders: 'text' starts the head from the class-prompt text embeddings (zero-shot)."},

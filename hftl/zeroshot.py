@@ -14,10 +14,19 @@ into a `TimmWrapperForImageClassification` whose head is
 per-image normalisation a linear layer cannot do, so logits stay at the scale the encoder was trained with; it never
 changes which class wins). The result loads with `pipeline("image-classification")`, trains with every strategy,
 pushes and serves like any fine-tuned model. `--head_init text` starts fine-tuning from this head (LP-FT).
+
+SigLIP 2's NaFlex tower takes patches, not pixels: its processor resizes each image, keeping the aspect ratio, to
+at most `max_num_patches` patches, and the learned position grid is resized to each image's patch grid. timm's ViT
+(which `pipeline("image-classification")` loads) has a fixed square input, so the tower is converted at the square
+grid the processor gives a square image (e.g. 16 × 16 patches of 16 px for 256 patches): the patch Linear becomes
+the patch conv and the position grid is resized once, by SigLIP 2's own resize. For square images this is the same
+function (tested); other shapes are squashed to the square, as SigLIP 1 does, instead of padded at their own
+aspect ratio.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -34,7 +43,7 @@ DEFAULT_TEMPLATES = (
     "art of the {}.",
     "a photo of the small {}.",
 )
-SUPPORTED = ("clip", "siglip")
+SUPPORTED = ("clip", "siglip", "siglip2")
 TEMPLATE_SEPARATOR = "|"
 # transformers hidden_act -> timm act_layer
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -65,7 +74,7 @@ def check_convertible(model_type: str, name: str) -> None:
     if model_type not in SUPPORTED:
         raise ValueError(
             f"{name} is a {model_type!r} dual encoder; zero-shot heads convert {', '.join(SUPPORTED)} vision towers "
-            "to an image-classification model. Use a CLIP or SigLIP checkpoint."
+            "to an image-classification model. Use a CLIP, SigLIP or SigLIP 2 checkpoint."
         )
 
 
@@ -101,7 +110,6 @@ def _timm_config(dual, processor, id2label: dict):
     if abs(vision.layer_norm_eps - expected_eps) > 1e-12:
         raise ValueError(f"layer_norm_eps {vision.layer_norm_eps} is not timm's {expected_eps} for {model_type}.")
     model_args = {
-        "img_size": vision.image_size,
         "patch_size": vision.patch_size,
         "embed_dim": vision.hidden_size,
         "depth": vision.num_hidden_layers,
@@ -112,8 +120,13 @@ def _timm_config(dual, processor, id2label: dict):
         "dynamic_img_size": True,
     }
     arch = "vit_base_patch16_clip_224" if model_type == "clip" else "vit_base_patch16_siglip_224"
-    size = processor.size
-    side = int(size.get("shortest_edge") or size.get("height"))
+    if model_type == "siglip2":  # NaFlex has no fixed size: the square grid its processor gives a square image
+        side = naflex_grid(processor) * vision.patch_size
+        size = {"height": side, "width": side}
+    else:
+        size = processor.size
+        side = int(size.get("shortest_edge") or size.get("height"))
+    model_args["img_size"] = side if model_type == "siglip2" else vision.image_size
     crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
     input_side = int(crop["height"]) if crop else side
     resample = {2: "bilinear", 3: "bicubic"}.get(int(getattr(processor, "resample", 3)), "bicubic")
@@ -152,13 +165,41 @@ def _attention_blocks(state: dict, prefix: str, depth: int) -> dict:
     return out
 
 
-def timm_vision_state(dual) -> tuple[dict, torch.Tensor | None]:
-    """The vision tower's weights under timm's ViT names, and CLIP's projection matrix (None for SigLIP)."""
+def naflex_grid(processor) -> int:
+    """Patches per side SigLIP 2's processor gives a square image: the largest square within max_num_patches."""
+    return math.isqrt(processor.max_num_patches)
+
+
+def _naflex_patch_embedding(state: dict, vision, grid: int) -> dict:
+    """SigLIP 2's patch embedding is a Linear over patches flattened as (row, column, channel) with a learned
+    position grid resized per image; as timm's conv: the same weights as (out, channel, row, column), and the grid
+    resized once, by SigLIP 2's own resize (bilinear, antialiased), to the `grid` × `grid` of a square input."""
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+    p, channels = vision.patch_size, vision.num_channels
+    weight = state["embeddings.patch_embedding.weight"]
+    stored = math.isqrt(vision.num_patches)
+    positions = state["embeddings.position_embedding.weight"].reshape(stored, stored, -1)
+    resized = Siglip2VisionEmbeddings.resize_positional_embeddings(
+        positions, torch.tensor([[grid, grid]]), max_length=grid * grid
+    )
+    return {
+        "patch_embed.proj.weight": weight.reshape(len(weight), p, p, channels).permute(0, 3, 1, 2).contiguous(),
+        "pos_embed": resized.reshape(1, grid * grid, -1),
+    }
+
+
+def timm_vision_state(dual, processor=None) -> tuple[dict, torch.Tensor | None]:
+    """The vision tower's weights under timm's ViT names, and CLIP's projection matrix (None for SigLIP); SigLIP 2
+    needs its image `processor` (the input grid)."""
     state = {k: v.detach().clone() for k, v in dual.vision_model.state_dict().items()}
-    depth = dual.config.vision_config.num_hidden_layers
-    out = _attention_blocks(state, "", depth)
-    out["patch_embed.proj.weight"] = state["embeddings.patch_embedding.weight"]
-    out["pos_embed"] = state["embeddings.position_embedding.weight"].unsqueeze(0)
+    vision = dual.config.vision_config
+    out = _attention_blocks(state, "", vision.num_hidden_layers)
+    if dual.config.model_type == "siglip2":
+        out.update(_naflex_patch_embedding(state, vision, naflex_grid(processor)))
+    else:
+        out["patch_embed.proj.weight"] = state["embeddings.patch_embedding.weight"]
+        out["pos_embed"] = state["embeddings.position_embedding.weight"].unsqueeze(0)
     for kind in ("weight", "bias"):
         out[f"norm.{kind}"] = state[f"post_layernorm.{kind}"]
     if dual.config.model_type == "clip":
@@ -194,7 +235,7 @@ def build_classifier(dual, processor, tokenizer, id2label: dict, templates: list
 
     config = _timm_config(dual, processor, id2label)
     classifier = TimmWrapperForImageClassification(config)
-    vision, projection = timm_vision_state(dual)
+    vision, projection = timm_vision_state(dual, processor)
     fresh_head = {k: v for k, v in classifier.timm_model.state_dict().items() if k.startswith("head.")}
     vision.update(fresh_head)
     classifier.timm_model.load_state_dict(vision, strict=True)

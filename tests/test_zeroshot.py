@@ -1,4 +1,4 @@
-"""Zero-shot classifiers from tiny random CLIP and SigLIP dual encoders (hftl/zeroshot.py)."""
+"""Zero-shot classifiers from tiny random CLIP, SigLIP and SigLIP 2 dual encoders (hftl/zeroshot.py)."""
 
 import numpy as np
 import pytest
@@ -55,6 +55,33 @@ def test_zero_shot_classifier_matches_the_zero_shot_pipeline(fixture, request, t
         if hasattr(dual, "visual_projection"):
             features = dual.visual_projection(features)
     torch.testing.assert_close(features, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_siglip2_naflex_tower_converts_exactly_for_square_images(tiny_siglip2_dir, tmp_path):
+    """SigLIP 2 (NaFlex): its processor patchifies an image into a Linear patch embedding with a position grid
+    resized per image. The converted timm ViT takes the same square image as a conv over pixels and gives the same
+    image embedding, and the saved classifier ranks labels exactly as the zero-shot pipeline does."""
+    from transformers import AutoImageProcessor, TimmWrapperImageProcessor, pipeline
+
+    dual, classifier = _save_classifier(tiny_siglip2_dir, tmp_path / "zs")
+    assert classifier.config.pretrained_cfg["input_size"] == [3, 32, 32]  # 4x4 patches of 8: max_num_patches 16
+    images = _images(3)
+    naflex = AutoImageProcessor.from_pretrained(tiny_siglip2_dir)(images, return_tensors="pt")
+    assert naflex["pixel_values"].shape == (3, 16, 8 * 8 * 3) and naflex["pixel_attention_mask"].all()
+    timm_processor = TimmWrapperImageProcessor.from_pretrained(tmp_path / "zs")
+    pixels = timm_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = dual.get_image_features(**naflex).pooler_output
+        timm_model = classifier.timm_model
+        features = timm_model.forward_head(timm_model.forward_features(pixels), pre_logits=True)
+    torch.testing.assert_close(features, reference, atol=1e-5, rtol=1e-4)
+
+    zero_shot = pipeline("zero-shot-image-classification", model=str(tiny_siglip2_dir))
+    classify = pipeline("image-classification", model=str(tmp_path / "zs"))
+    for image in _images():
+        expected = zero_shot(image, candidate_labels=NAMES, hypothesis_template=TEMPLATE)
+        got = classify(image, top_k=len(NAMES))
+        assert [r["label"] for r in got] == [r["label"] for r in expected]
 
 
 def _argv(data, model, out, *extra):
