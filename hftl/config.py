@@ -157,6 +157,12 @@ class StrategyArgs:
         default="blur,noise,contrast,rotation",
         metadata={"help": "Corruptions (severity 3) each WiSE-FT alpha is also tested under; 'none' to skip."},
     )
+    wise_ft_eval_datasets: str | None = field(
+        default=None,
+        metadata={
+            "help": "Other test sets with the same class names (ids, folders, bundled) each alpha is tested on."
+        },
+    )
 
 
 @dataclass

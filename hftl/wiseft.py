@@ -3,7 +3,8 @@ ones, θ(α) = (1 − α)·θ_zero-shot + α·θ_fine-tuned. Intermediate α oft
 recovering the zero-shot model's robustness under distribution shift.
 
 `--wise_ft_alpha 0,0.25,0.5,0.75,1` evaluates every α on validation and test and under the corruptions of
-`hftl/compare/shift.py` (`--wise_ft_shift`, severity 3); the α with the best validation metric is what the run
+`hftl/compare/shift.py` (`--wise_ft_shift`, severity 3) and on the test splits of `--wise_ft_eval_datasets` (other
+datasets with the same class names); the α with the best validation metric is what the run
 saves. The formula is exact at the ends: α = 0 gives the zero-shot weights and α = 1 the fine-tuned ones, bit for
 bit.
 """
@@ -64,8 +65,9 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _shift_sets(task, dsd, processor, config) -> list[tuple[str, list, list]]:
-    from hftl.compare.shift import pixel_batches, shift_targets
+def _shift_sets(task, dsd, processor, config, label_names: list[str]) -> list[tuple[str, list, list]]:
+    """(name, pixel batches, labels) for each corruption of the test split and each --wise_ft_eval_datasets test."""
+    from hftl.compare.shift import eval_dataset, pixel_batches, shift_targets
 
     names = [] if config.strategy.wise_ft_shift.lower() == "none" else config.strategy.wise_ft_shift.split(",")
     batch = config.train.eval_batch_size or 2 * config.train.batch_size
@@ -76,6 +78,11 @@ def _shift_sets(task, dsd, processor, config) -> list[tuple[str, list, list]]:
         if name != "clean":
             batches = pixel_batches(dataset, task.image_column, processor, batch)
             out.append((name, batches, list(dataset[task.label_column])))
+    extra = [d.strip() for d in (config.strategy.wise_ft_eval_datasets or "").split(",") if d.strip()]
+    for name in extra:
+        dataset = eval_dataset(config, name, label_names, task.image_column, task.label_column)
+        batches = pixel_batches(dataset, task.image_column, processor, batch)
+        out.append((name, batches, list(dataset[task.label_column])))
     return out
 
 
@@ -96,7 +103,8 @@ def choose(
         split: accelerator.prepare(make_loader(prepared[split], task.collate, batch, False, args.seed, 0))
         for split in ("validation", "test")
     }
-    shifted = _shift_sets(task, dsd, processor, config) if accelerator.is_main_process else []
+    names = [id2label[i] for i in range(len(id2label))]
+    shifted = _shift_sets(task, dsd, processor, config, names) if accelerator.is_main_process else []
     rows, best = [], None
     for alpha in alphas:
         model.load_state_dict(interpolate(zero_shot_state, tuned, alpha))

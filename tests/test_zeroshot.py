@@ -153,8 +153,18 @@ def test_wise_ft_ends_are_the_zero_shot_and_fine_tuned_models(zero_shot_run, tin
 
     _, zero = zero_shot_run
     argv = _argv(colour_folder, tiny_clip_dir, tmp_path / "ft", "--strategy", "full", "--head_init", "text")
-    results = run("classification", argv + ["--wise_ft_alpha", "0,0.5,1", "--wise_ft_shift", "blur,noise"])
+    argv += [
+        "--wise_ft_alpha",
+        "0,0.5,1",
+        "--wise_ft_shift",
+        "blur,noise",
+        "--wise_ft_eval_datasets",
+        str(colour_folder),
+    ]
+    results = run("classification", argv)
     rows = {row["alpha"]: row for row in results["wise_ft"]["alphas"]}
+    # an extra test set (here the same folder, so its test split): every alpha is scored on it too
+    assert all(row[f"{colour_folder}_accuracy"] == pytest.approx(row["test_accuracy"]) for row in rows.values())
     assert rows[0.0]["test_accuracy"] == zero["test"]["accuracy"]
     assert rows[1.0]["test_accuracy"] == results["wise_ft"]["fine_tuned_test_accuracy"]
     assert {"blur_accuracy", "noise_accuracy"} <= set(rows[0.5])

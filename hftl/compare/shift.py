@@ -188,6 +188,30 @@ def adapted_accuracy(model: nn.Module, method: str, batches: list[torch.Tensor],
     return accuracy(candidate, batches, labels)
 
 
+def eval_dataset(config, dataset: str, names: list[str], image_column: str, label_column: str):
+    """Another dataset's test split with its labels mapped onto the model's (same class names required)."""
+    from copy import deepcopy
+
+    from datasets import ClassLabel
+
+    from hftl.runner import prepare_data
+    from hftl.tasks import get_task
+
+    other = deepcopy(config)
+    other.data.dataset, other.data.shots, other.data.image_column, other.data.label_column = dataset, None, None, None
+    task = get_task("classification", other)
+    dsd, spec = prepare_data(task, other)
+    other_names, image, label = spec.label_names, spec.image_column, spec.label_column
+    if set(other_names) != set(names):
+        raise ValueError(f"Extra test set {dataset!r} has classes {other_names}; the models were trained on {names}.")
+    to_model = [names.index(n) for n in other_names]
+    test = dsd["test"].select_columns([image, label])
+    test = test.map(lambda ex: {label: to_model[ex[label]]}, keep_in_memory=True)
+    test = test.cast_column(label, ClassLabel(names=names))
+    renames = {old: new for old, new in ((image, image_column), (label, label_column)) if old != new}
+    return test.rename_columns(renames) if renames else test
+
+
 def shift_targets(dataset: Dataset, image_column: str, corruptions: list[str], severities: list[int], seed: int):
     """(name, severity, dataset) for the clean set and every corruption × severity."""
     yield "clean", 0, dataset

@@ -22,7 +22,7 @@ from hftl.compare.aggregate import (
     shots_order,
 )
 from hftl.compare.grid import shift_corruptions, split_list
-from hftl.compare.shift import evaluate_shift
+from hftl.compare.shift import eval_dataset, evaluate_shift
 from hftl.config import RunConfig
 from hftl.log import get_logger
 from hftl.outputs import RESULTS_FILE
@@ -85,7 +85,7 @@ def _shift_for_run(args, run_dir: Path, corruptions: list[str], extra: list[str]
     task = get_task("classification", config)
     dsd, spec = prepare_data(task, config)
     image_column, label_column = spec.image_column, spec.label_column
-    targets = [(name, _eval_dataset(config, name, spec.label_names, image_column, label_column)) for name in extra]
+    targets = [(name, eval_dataset(config, name, spec.label_names, image_column, label_column)) for name in extra]
     # AdaBN/TENT assume the BatchNorm statistics were estimated on the training data. Strategies that keep the
     # pretrained statistics frozen fitted their head to pretraining-normalised features; re-estimating the
     # statistics then breaks the head (measured on digits: linear probe 0.88 -> 0.09 clean), so they are skipped.
@@ -113,27 +113,6 @@ def _shift_for_run(args, run_dir: Path, corruptions: list[str], extra: list[str]
             row["skipped_reason"] = "no BatchNorm"
     cache.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     return rows
-
-
-def _eval_dataset(config, dataset: str, names: list[str], image_column: str, label_column: str):
-    """Another dataset's test split with its labels mapped onto the model's (same class names required)."""
-    from copy import deepcopy
-
-    from datasets import ClassLabel
-
-    other = deepcopy(config)
-    other.data.dataset, other.data.shots, other.data.image_column, other.data.label_column = dataset, None, None, None
-    task = get_task("classification", other)
-    dsd, spec = prepare_data(task, other)
-    other_names, image, label = spec.label_names, spec.image_column, spec.label_column
-    if set(other_names) != set(names):
-        raise ValueError(f"--eval_datasets {dataset!r} has classes {other_names}; the models were trained on {names}.")
-    to_model = [names.index(n) for n in other_names]
-    test = dsd["test"].select_columns([image, label])
-    test = test.map(lambda ex: {label: to_model[ex[label]]}, keep_in_memory=True)
-    test = test.cast_column(label, ClassLabel(names=names))
-    renames = {old: new for old, new in ((image, image_column), (label, label_column)) if old != new}
-    return test.rename_columns(renames) if renames else test
 
 
 # ---------------------------------------------------------------------------------------------------------------
