@@ -189,6 +189,6 @@ def cached_linear_probe(task, adapted: Adapted, dsd, processor, config, accelera
     if config.train.probe_standardise:
         why_not = head_only.standardise(cached["train"].features)
         if why_not:
-            accelerator.print(f"cache_features: the head trains on raw features ({why_not}).")
+            logger.info(f"cache_features: the head trains on raw features ({why_not}).")
     head_only = Adapted(head_only, adapted.param_groups, adapted.trainable, adapted.total)
     return head_only, cached["train"], cached["validation"], collate_features
