@@ -27,10 +27,12 @@ MASK2FORMER_SIZE = {
     "encoder_layers": 2,
     "decoder_layers": 3,
     "num_attention_heads": 4,
-    "num_queries": 20,
+    # a handful of instances per image needs few queries; every query costs matching and mask-loss work
+    "num_queries": 10,
     "dropout": 0.0,
-    # points per mask for the matcher and the mask loss; small images have fewer pixels than the default 12544
-    "train_num_points": 512,
+    # points per mask for the matcher and the mask loss: a 64 px input has 16×16 = 256 mask logits, so more points
+    # than that (the default is 12544) only re-sample the same pixels
+    "train_num_points": 256,
 }
 FEATURE_STRIDES = (4, 8, 16, 32)
 DEFAULT_IMAGE_SIZE = 384
