@@ -1,4 +1,5 @@
-"""Mask-classification models (Mask2Former, MaskFormer): one set of plumbing for semantic and instance segmentation.
+"""Mask-classification models (Mask2Former, MaskFormer; OneFormer for instances): one set of plumbing for semantic
+and instance segmentation.
 
 These models predict N (class, mask) pairs per image and train with their own Hungarian-matched loss on per-segment
 binary masks; post-processing through their image processor turns the pairs into semantic maps or instances.
@@ -12,6 +13,10 @@ from __future__ import annotations
 import torch
 
 MASK_CLASSIFICATION_TYPES = ("mask2former", "maskformer")
+# OneFormer also reads a task prompt ("the task is instance") through its CLIP tokenizer, so its processor is a
+# OneFormerProcessor (image processor + tokenizer) and the saved folder carries the tokenizer the pipeline needs.
+# Instance segmentation only: the semantic task has no prompt plumbing.
+PROMPTED_TYPES = ("oneformer",)
 # Small enough to train on a CPU in minutes, big enough for a handful of classes and instances per image.
 MASK2FORMER_SIZE = {
     "hidden_dim": 64,
@@ -22,10 +27,12 @@ MASK2FORMER_SIZE = {
     "encoder_layers": 2,
     "decoder_layers": 3,
     "num_attention_heads": 4,
-    "num_queries": 20,
+    # a handful of instances per image needs few queries; every query costs matching and mask-loss work
+    "num_queries": 10,
     "dropout": 0.0,
-    # points per mask for the matcher and the mask loss; small images have fewer pixels than the default 12544
-    "train_num_points": 512,
+    # points per mask for the matcher and the mask loss: a 64 px input has 16×16 = 256 mask logits, so more points
+    # than that (the default is 12544) only re-sample the same pixels
+    "train_num_points": 256,
 }
 FEATURE_STRIDES = (4, 8, 16, 32)
 DEFAULT_IMAGE_SIZE = 384
@@ -38,18 +45,75 @@ def is_mask_classification(config) -> bool:
     return getattr(config, "model_type", None) in MASK_CLASSIFICATION_TYPES
 
 
-def load_universal(model_args, id2label: dict, image_size: int | None):
-    """A Hub/local Mask2Former or MaskFormer checkpoint with its class head resized to `id2label`."""
+def is_prompted(config) -> bool:
+    return getattr(config, "model_type", None) in PROMPTED_TYPES
+
+
+def load_universal(model_args, id2label: dict, image_size: int | None, model_type: str | None = None):
+    """A Hub/local Mask2Former, MaskFormer or OneFormer checkpoint with its class head resized to `id2label`."""
     from transformers import AutoModelForUniversalSegmentation
 
     from hftl.modeling import load_model_and_processor
 
-    model, processor = load_model_and_processor(AutoModelForUniversalSegmentation, model_args, id2label)
+    prompted = model_type in PROMPTED_TYPES
+    # OneFormer's text branch (is_training) only adds a contrastive loss and needs per-image class texts; without
+    # it the model trains on the same matched class/mask/dice losses as Mask2Former and infers as it always does
+    extra = {"is_training": False} if prompted else {}
+    model, processor = load_model_and_processor(AutoModelForUniversalSegmentation, model_args, id2label, **extra)
     # square inputs without padding: batches stack, and post-processing (which ignores padding) stays aligned
     side = image_size or -(-int(processor.size.get("shortest_edge") or processor.size.get("height")) // 32) * 32
     processor.size = {"height": side, "width": side}
     _processor_defaults(processor)
+    if prompted:
+        processor = _with_tokenizer(model, processor, model_args)
     return model, processor
+
+
+def _with_tokenizer(model, image_processor, model_args):
+    from transformers import AutoTokenizer, OneFormerProcessor
+
+    from hftl.modeling import resolve_model_path
+
+    path = resolve_model_path(model_args.model, model_args.revision)
+    common = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
+    # the checkpoint's class metadata (class_info_file, fetched from the Hub on load) names its old classes; ""
+    # keeps the saved folder from fetching it and post-processing from reading it (a None there raises)
+    image_processor.class_info_file = ""
+    length = model.config.task_seq_len
+    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    return OneFormerProcessor(image_processor, tokenizer, max_seq_length=length, task_seq_length=length)
+
+
+def image_processor_of(processor):
+    """The image processor inside a OneFormerProcessor, or the processor itself."""
+    return getattr(processor, "image_processor", processor)
+
+
+def task_prompt(processor, subtask: str) -> torch.Tensor | None:
+    """(task_seq_len,) token ids of OneFormer's task prompt, None for models without one. Tokenized exactly as
+    pipeline("image-segmentation") does (pad ids kept, unlike OneFormerProcessor.__call__, which zeroes them): the
+    task MLP reads the ids as numbers, so training must see what inference will."""
+    if getattr(processor, "tokenizer", None) is None or not hasattr(processor, "task_seq_length"):
+        return None
+    tokens = processor.tokenizer(
+        [f"the task is {subtask}"], padding="max_length", max_length=processor.task_seq_length, return_tensors="pt"
+    )
+    return tokens["input_ids"][0]
+
+
+def post_process_instances(image_processor, outputs, threshold: float, target_sizes) -> list[dict]:
+    """Per image {"segmentation": (n, H, W) binary maps, "segments_info"}. Mask2Former and MaskFormer return binary
+    maps on request; OneFormer only an id map (one segment per pixel), split here into one map per segment."""
+    import inspect
+
+    post_process = image_processor.post_process_instance_segmentation
+    if "return_binary_maps" in inspect.signature(post_process).parameters:
+        return post_process(outputs, threshold=threshold, target_sizes=target_sizes, return_binary_maps=True)
+    decoded = post_process(outputs, threshold=threshold, target_sizes=target_sizes)
+    for image in decoded:
+        ids = torch.tensor([s["id"] for s in image["segments_info"]], device=image["segmentation"].device)
+        image["segmentation"] = (image["segmentation"][None] == ids[:, None, None]).float()
+    return decoded
 
 
 def mask2former_from_timm(path: str, timm_config, id2label: dict, image_size: int | None):

@@ -2,8 +2,10 @@
 
 Two row layouts are read, from the Hub or a local folder:
 - COCO: an `objects` column `{"segmentation": [...], "category": [...], "iscrowd": [...]}` where each segmentation
-  is a polygon list, an RLE dict (compressed or not) or either as a JSON string; a local folder holds
-  `annotations.json` (+ images), or one per split folder (train/, valid/, test/), as for detection.
+  is a polygon list, an RLE dict (compressed or not), either as a JSON string, or a binary mask image of its own
+  (`{"mask": [Image, ...], "category": [...]}`, as Hub sets with one mask image per instance store them; any
+  non-zero pixel is the instance); a local folder holds `annotations.json` (+ images), or one per split folder
+  (train/, valid/, test/), as for detection.
 - Two-channel PNG (the transformers instance-segmentation example's format): an `annotation` image whose first
   channel is the class id + 1 (0: no instance) and whose second channel is the instance id (0: none).
 Every row decodes to (masks (k, H, W) bool, classes (k,), crowd (k,) bool). Rows without instances are kept as
@@ -61,8 +63,8 @@ def detect_layout(features, image_column: str | None, label_column: str | None) 
     fields = _inner(features[label])
     if not any(k in fields for k in SEGMENTATION_KEYS) or not any(k in fields for k in CATEGORY_KEYS):
         raise ValueError(
-            f"Column {label!r} has fields {sorted(fields)}; instance segmentation needs a 'segmentation' (polygons "
-            "or RLE) and a 'category' field per instance."
+            f"Column {label!r} has fields {sorted(fields)}; instance segmentation needs a 'segmentation' (polygons, "
+            "RLE, or a 'mask' list of one binary mask image per instance) and a 'category' field per instance."
         )
     return image, label, "coco"
 
@@ -96,14 +98,21 @@ def category_names(features, label_column: str, layout: str, dsd: DatasetDict, i
 
 def _classes_only(row, label_column: str, layout: str) -> list[int]:
     if layout == "coco":
-        objects = row[label_column]
-        return [int(c) for c in objects[_key(objects, CATEGORY_KEYS)]]
+        objects = _as_columns(row[label_column])
+        return [int(c) for c in objects[_key(objects, CATEGORY_KEYS)]] if objects else []
     array = np.asarray(row[label_column])
     return [int(c) - 1 for c in np.unique(array[..., 0]) if c > 0] if array.ndim == 3 else []
 
 
 def _key(mapping, keys) -> str:
     return next(k for k in keys if k in mapping)
+
+
+def _as_columns(objects) -> dict:
+    """Instances as {field: [per instance]}: a `List({...})` feature decodes to a list of dicts instead."""
+    if isinstance(objects, list):
+        return {k: [o[k] for o in objects] for k in objects[0]} if objects else {}
+    return objects or {}
 
 
 # ---- decoding ----------------------------------------------------------------------------------------------------
@@ -114,7 +123,7 @@ def decode_instances(row, image_size: tuple[int, int], label_column: str, layout
         masks, classes = _from_two_channel(row[label_column], (width, height), where)
         crowd = np.zeros(len(classes), bool)
     else:
-        objects = row[label_column] or {}
+        objects = _as_columns(row[label_column])
         segs = objects.get(_key(objects, SEGMENTATION_KEYS), []) if objects else []
         classes = np.asarray(objects.get(_key(objects, CATEGORY_KEYS), []) if objects else [], np.int64)
         crowd = np.asarray(objects.get("iscrowd") or [0] * len(classes), bool)
@@ -132,9 +141,18 @@ def decode_instances(row, image_size: tuple[int, int], label_column: str, layout
 
 
 def segmentation_to_mask(segmentation, height: int, width: int, where: str) -> np.ndarray:
-    """One COCO segmentation (polygons, RLE dict, or either as JSON) → (H, W) bool."""
+    """One COCO segmentation (polygons, RLE dict, either as JSON, or a mask image) → (H, W) bool."""
     from pycocotools import mask as mask_utils
 
+    if isinstance(segmentation, Image.Image | np.ndarray):
+        array = np.asarray(segmentation)
+        array = array if array.ndim == 2 else array.max(axis=-1)  # an RGB(A) mask: any non-zero channel
+        if array.shape != (height, width):
+            raise ValueError(
+                f"{where}: mask image size {array.shape[1]}×{array.shape[0]} differs from the image's "
+                f"{width}×{height}; a mask must cover its image pixel for pixel."
+            )
+        return array > 0
     if isinstance(segmentation, str):
         segmentation = json.loads(segmentation)
     if isinstance(segmentation, dict):

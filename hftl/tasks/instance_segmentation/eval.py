@@ -15,6 +15,7 @@ import torch
 
 from hftl.plotting import pyplot
 from hftl.tasks.detection.eval import save_coco_artifacts
+from hftl.tasks.mask_classification import post_process_instances
 
 EVAL_THRESHOLD = 0.0  # score floor for mAP: low, so the precision-recall curve is complete
 DRAW_THRESHOLD = 0.5  # score floor for the picture
@@ -38,11 +39,11 @@ class InstanceEvaluator:
         self.num_images = 0
 
     def update(self, accelerator, batch, outputs) -> None:
-        decoded = self.processor.post_process_instance_segmentation(
+        decoded = post_process_instances(
+            self.processor,
             _float_outputs(outputs),
-            threshold=EVAL_THRESHOLD,
-            target_sizes=[tuple(int(v) for v in s) for s in batch["orig_sizes"]],
-            return_binary_maps=True,
+            EVAL_THRESHOLD,
+            [tuple(int(v) for v in s) for s in batch["orig_sizes"]],
         )
         per_sample = [
             (_packed(prediction_dict(d)), _packed(target), int(image_id))

@@ -1,9 +1,10 @@
 """Instance segmentation (`recipes/segment.py --subtask instance`): what differs from the other tasks.
 
-Data: COCO instances (polygons or RLE, iscrowd) or two-channel annotation PNGs, from the Hub, a local folder, or the
-bundled `hftl/shapes-instances` (hftl/tasks/instance_segmentation/data.py). Models: mask-classification models
-(hftl/tasks/mask_classification.py). Metrics: COCO mask and box mAP (eval.py). The output folder loads with
-`pipeline("image-segmentation", model=out, subtask="instance")`.
+Data: COCO instances (polygons, RLE or one mask image per instance; iscrowd) or two-channel annotation PNGs, from the
+Hub, a local folder, or the bundled `hftl/shapes-instances` (hftl/tasks/instance_segmentation/data.py). Models:
+mask-classification models, and OneFormer with its task prompt (hftl/tasks/mask_classification.py). Metrics: COCO
+mask and box mAP (eval.py). The output folder loads with `pipeline("image-segmentation", model=out,
+subtask="instance")`.
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ class InstanceSegmentationTask(Task):
             mc.check_image_size(image_size)
         if config.model_type == "timm_wrapper":
             model, processor = mc.mask2former_from_timm(path, config, id2label, image_size)
-        elif mc.is_mask_classification(config):
-            model, processor = mc.load_universal(model_args, id2label, image_size)
+        elif mc.is_mask_classification(config) or mc.is_prompted(config):
+            model, processor = mc.load_universal(model_args, id2label, image_size, config.model_type)
         else:
             raise ValueError(
-                f"{model_args.model!r} ({config.model_type}) is not a mask-classification model. Use a Mask2Former "
-                "or MaskFormer checkpoint (e.g. facebook/mask2former-swin-tiny-coco-instance) or a timm classifier "
-                "(the backbone of a new Mask2Former)."
+                f"{model_args.model!r} ({config.model_type}) is not a mask-classification model. Use a Mask2Former, "
+                "MaskFormer or OneFormer checkpoint (e.g. facebook/mask2former-swin-tiny-coco-instance) or a timm "
+                "classifier (the backbone of a new Mask2Former)."
             )
         from hftl.tasks.detection.task import mark_backbone_offline
 
@@ -117,6 +118,8 @@ class InstanceSegmentationTask(Task):
     def prepare(self, dsd: DatasetDict, processor, data_args, spec=None) -> DatasetDict:
         from torchvision.transforms import v2
 
+        prompt = mc.task_prompt(processor, self.subtask)  # OneFormer's "the task is instance"; None for others
+        processor = mc.image_processor_of(processor)
         size = processor_input_size(processor)
         geometric = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
         if data_args.hflip:
@@ -143,7 +146,7 @@ class InstanceSegmentationTask(Task):
                 out["pixel_values"].append(normalise(pixels.float() / 255))
                 out["mask_labels"].append(masks.float())
                 out["class_labels"].append(classes)
-            return out
+            return _with_prompt(out, prompt)
 
         def eval_batch(batch, split):
             out = {
@@ -174,7 +177,7 @@ class InstanceSegmentationTask(Task):
                 )
                 out["orig_size"].append((image.size[1], image.size[0]))
                 out["image_id"].append(row)
-            return out
+            return _with_prompt(out, prompt)
 
         return DatasetDict(
             {
@@ -210,6 +213,8 @@ class InstanceSegmentationTask(Task):
             "mask_labels": [e["mask_labels"] for e in examples],
             "class_labels": [e["class_labels"] for e in examples],
         }
+        if "task_inputs" in examples[0]:
+            batch["task_inputs"] = torch.stack([e["task_inputs"] for e in examples])
         if "targets" in examples[0]:
             batch["targets"] = [e["targets"] for e in examples]
             batch["orig_sizes"] = torch.tensor([e["orig_size"] for e in examples], dtype=torch.long)
@@ -217,12 +222,26 @@ class InstanceSegmentationTask(Task):
         return batch
 
     def forward(self, model, batch):
-        return model(
-            pixel_values=batch["pixel_values"], mask_labels=batch["mask_labels"], class_labels=batch["class_labels"]
+        prompt = {"task_inputs": batch["task_inputs"]} if "task_inputs" in batch else {}
+        outputs = model(
+            pixel_values=batch["pixel_values"],
+            mask_labels=batch["mask_labels"],
+            class_labels=batch["class_labels"],
+            **prompt,
         )
+        if outputs.loss is not None and outputs.loss.dim():
+            outputs.loss = outputs.loss.reshape(())  # OneFormer's loss has shape (1,); the loop sums scalars
+        return outputs
 
     def new_evaluator(self, id2label: dict, processor=None):
+        processor = mc.image_processor_of(processor)
         return InstanceEvaluator(id2label, processor, *processor_mean_std(processor))
+
+
+def _with_prompt(out: dict, prompt: torch.Tensor | None) -> dict:
+    if prompt is not None:
+        out["task_inputs"] = [prompt] * len(out["pixel_values"])
+    return out
 
 
 TASK = InstanceSegmentationTask
