@@ -14,6 +14,7 @@ from collections import defaultdict
 from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets
 
 from hftl.log import get_logger
+from hftl.system import return_arrow_memory_to_the_os
 
 logger = get_logger(__name__)
 
@@ -38,6 +39,7 @@ def add_row_numbers(dsd: DatasetDict) -> DatasetDict:
 def load_dataset_dict(data_args, task) -> DatasetDict:
     from hftl.bundled import BUNDLED_DATASETS, load_bundled_dataset
 
+    return_arrow_memory_to_the_os()
     name = data_args.dataset
     if name in BUNDLED_DATASETS:
         return load_bundled_dataset(name)

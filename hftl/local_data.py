@@ -20,6 +20,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features
 from datasets import Image as ImageFeature
 from datasets.data_files import EmptyDatasetError
@@ -35,6 +36,10 @@ SPLIT_FOLDERS = {
 IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
 TABLE_EXTENSIONS = (".parquet", ".arrow")
 LISTING_VERSION = 1
+# datasets writes image datasets 100 rows per Arrow record batch; opening its memory-mapped cache reads every batch's
+# header, and the kernel maps 64 KB around each, so with small images (Fashion-MNIST: ~50 KB a batch) every page of
+# the file counts in the process's RSS (bench/README.md's scale section). Batches of ~32 MB keep that to a few pages.
+ARROW_BATCH_BYTES = 32 << 20
 
 
 def load_hub_layout(path: str) -> DatasetDict | None:
@@ -45,7 +50,7 @@ def load_hub_layout(path: str) -> DatasetDict | None:
         loaded = datasets.load_from_disk(str(root))
     elif _has_tables(root):
         # datasets infers the builder and the splits from the file names (train-00000-of-00004.parquet, data/…)
-        loaded = datasets.load_dataset(str(root))
+        loaded = datasets.load_dataset(str(root), writer_batch_size=_rows_per_record_batch(root))
     else:
         return None
     return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
@@ -172,6 +177,21 @@ def _cached_listing(cache: Path) -> DatasetDict | None:
             return None
     # memory-mapped: the listing costs no memory however many files it names
     return DatasetDict({split: Dataset.from_file(str(cache / f"{split}.arrow")) for split in record["splits"]})
+
+
+def _rows_per_record_batch(root: Path, sampled_files: int = 4) -> int | None:
+    """Rows per record batch of datasets' Arrow cache so that one batch holds ~ARROW_BATCH_BYTES, from the parquet
+    footers' uncompressed sizes (a few files read, not the data); None (datasets' default) for arrow shards.
+    datasets splits the parquet reader's batches but never joins them: files written in small row groups (datasets'
+    own `to_parquet` writes 100 rows for images) keep batches that small."""
+    rows = size = 0
+    for file in sorted(root.rglob("*.parquet"))[:sampled_files]:
+        metadata = pq.ParquetFile(file).metadata
+        rows += metadata.num_rows
+        size += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    if not rows:
+        return None
+    return int(min(max(ARROW_BATCH_BYTES * rows // max(size, 1), 100), 100_000))
 
 
 def _has_tables(root: Path, depth: int = 3) -> bool:

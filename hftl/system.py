@@ -43,6 +43,16 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def return_arrow_memory_to_the_os() -> None:
+    """Arrow's default allocator (mimalloc) keeps what it frees for reuse: converting a large parquet folder to
+    datasets' cache left hundreds of MB in the process for the whole run; glibc's allocator hands large blocks back
+    (peak RSS in bench/README.md's scale section). An ARROW_DEFAULT_MEMORY_POOL the user set is kept."""
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        import pyarrow
+
+        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+
+
 def launched_by_accelerate() -> bool:
     """`accelerate launch` (every launcher it has) sets ACCELERATE_DYNAMO_BACKEND in the child's environment;
     nothing in the child process sets it."""

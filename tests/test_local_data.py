@@ -4,6 +4,7 @@ in the Hub's own layout load as that dataset."""
 import os
 
 import datasets
+import pyarrow.parquet as pq
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
@@ -89,3 +90,14 @@ def test_imagefolder_is_not_mistaken_for_tables(tmp_path):
     assert not local_data._has_tables(tmp_path / "data")
     os.makedirs(tmp_path / "data" / "train" / "red" / "deep")
     assert local_data.load_hub_layout(str(tmp_path / "data")) is None
+
+
+def test_parquet_folder_cache_holds_small_images_in_few_record_batches(tmp_path):
+    # opening datasets' cache reads each record batch's header; at its default for images (100 rows a batch) small
+    # images put a header on every 64 KB mapped around, and the whole file counted in RSS
+    train = _hub_dataset(250)
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    pq.write_table(train.data.table, tmp_path / "ds" / "data" / "train-00000-of-00001.parquet")  # one row group
+    loaded = local_data.load_hub_layout(str(tmp_path / "ds"))["train"]
+    assert len(loaded.data.to_batches()) == 1
+    assert loaded[249]["image"].getpixel((0, 0)) == train[249]["image"].getpixel((0, 0))
