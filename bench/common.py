@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run from a clone without installing
 
+from hftl.system import peak_rss_mb  # noqa: E402
+
 WORK = Path(os.environ.get("HFTL_BENCH_WORK", "/tmp/hftl-bench"))
 SYNTHETIC_CLASSES = {"red": (200, 50, 50), "green": (50, 190, 60), "blue": (50, 60, 200), "yellow": (210, 200, 40)}
 VIT_SIZES = {
@@ -30,11 +31,6 @@ VIT_SIZES = {
 }
 # dense bf16 tensor-core peaks (FLOP/s) by a piece of torch.cuda.get_device_name(); first match wins
 BF16_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mb() -> float:

@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, peak_rss_mb, write_vit_folder  # noqa: E402
+from common import WORK, write_vit_folder  # noqa: E402
+
+from hftl.system import peak_rss_mb  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]

@@ -43,6 +43,20 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (exec). Linux: the address space's high-water mark
+    (VmHWM); `getrusage`'s ru_maxrss is not used there because a child keeps its parent's RSS at fork in it, so a
+    small child of a big process reports the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes
+
+
 def return_arrow_memory_to_the_os() -> None:
     """Arrow's default allocator (mimalloc) keeps what it frees for reuse: converting a large parquet folder to
     datasets' cache left hundreds of MB in the process for the whole run; glibc's allocator hands large blocks back

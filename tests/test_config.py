@@ -158,3 +158,14 @@ def test_cpu_training_keeps_freed_memory_for_the_next_step():
 def test_out_of_range_values_are_refused_naming_the_option_and_range(flag, value, message):
     with pytest.raises(ValueError, match=message):
         parse_config([flag, value])
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """getrusage's ru_maxrss keeps the parent's RSS across fork and exec: every child of the scale bench, which holds
+    1.4 GB after writing its data, reported ≥ 1.4 GB whatever it used. The parent here holds 1 GB; the child imports
+    torch (~0.3-0.5 GB) and must report that."""
+    held = b"x" * (1 << 30)
+    code = "from hftl.system import peak_rss_mb; print(peak_rss_mb())"
+    child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 50 < child_peak < 900, child_peak
+    assert len(held) == 1 << 30

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from hftl.config import validate as validate_run_config
 from hftl.log import get_logger
 from hftl.outputs import is_finished
 from hftl.runner import run_config
+from hftl.system import peak_rss_mb
 
 logger = get_logger(__name__)
 
@@ -334,15 +334,13 @@ def run_cell_file(config_path: str) -> None:
     """Child-process entry: one cell, then its own peak memory from the kernel (exact, not sampled)."""
     config = RunConfig.from_dict(json.loads(Path(config_path).read_text()))
     run_config("classification", config)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_mb = peak_kb / 2**20 if sys.platform == "darwin" else peak_kb / 2**10  # macOS reports bytes
-    _write_resources(Path(config.train.output_dir), peak_mb, "process peak RSS (getrusage)")
+    _write_resources(Path(config.train.output_dir), peak_rss_mb(), "process peak RSS (VmHWM)")
 
 
-def _write_resources(run_dir: Path, peak_rss_mb: float, how: str) -> None:
+def _write_resources(run_dir: Path, peak_mb: float, how: str) -> None:
     import torch
 
-    values = {"peak_rss_mb": round(peak_rss_mb, 1), "measured": how}
+    values = {"peak_rss_mb": round(peak_mb, 1), "measured": how}
     if torch.cuda.is_available():
         values["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if int(os.environ.get("RANK", "0")) == 0:
