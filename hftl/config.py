@@ -269,8 +269,9 @@ class TrainArgs:
     probe_standardise: bool = field(
         default=True,
         metadata={
-            "help": "linear-probe on cached features: train the head on features scaled to unit RMS (one scale, "
-            "folded into the head's weights at the end, so the saved model takes raw features)."
+            "help": "linear-probe: train the head on features scaled to unit RMS (one scale from the first 512 "
+            "train rows' features, with or without --cache_features; folded into the head's weights at the end, so "
+            "the saved model takes raw features)."
         },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty folder."})
