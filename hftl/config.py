@@ -450,6 +450,10 @@ def validate(config: RunConfig) -> None:
         from hftl.wiseft import parse_alphas  # noqa: PLC0415 (light module; checks before any work)
 
         parse_alphas(config.strategy.wise_ft_alpha, config.strategy)
+        if config.model.from_scratch:
+            raise ValueError("--wise_ft_alpha interpolates from pretrained zero-shot weights; drop --from_scratch.")
+    elif config.strategy.wise_ft_eval_datasets:
+        raise ValueError("--wise_ft_eval_datasets is the WiSE-FT evaluation: it needs --wise_ft_alpha (e.g. 0,0.5,1).")
     if config.hub.export not in (None, "onnx", "openvino") or config.hub.export_quantize not in (None, "int8"):
         raise ValueError("--export must be onnx or openvino, and --export_quantize int8 (or unset).")
     if config.strategy.freeze_lowest_levels < 0 or (
