@@ -4,9 +4,10 @@ recovering the zero-shot model's robustness under distribution shift.
 
 `--wise_ft_alpha 0,0.25,0.5,0.75,1` evaluates every α on validation and test and under the corruptions of
 `hftl/compare/shift.py` (`--wise_ft_shift`, severity 3) and on the test splits of `--wise_ft_eval_datasets` (other
-datasets with the same class names); the α with the best validation metric is what the run
-saves. The formula is exact at the ends: α = 0 gives the zero-shot weights and α = 1 the fine-tuned ones, bit for
-bit.
+datasets with the same class names, checked before the model is built); the α with the best validation metric is
+what the run saves. It needs `--head_init text`, so that α = 0 is the zero-shot model. The compare recipe sets the
+shift targets from its own `--shift` and `--eval_datasets`. The formula is exact at the ends: α = 0 gives the
+zero-shot weights and α = 1 the fine-tuned ones, bit for bit.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ folded into the head's Linear layer at the end, so the saved model takes raw fea
 features are tiny (a randomly initialised one: 1e-6 on digits) leaves the head untrained: AdamW's steps of lr
 move the logits by lr × feature. The head's starting weights are rescaled to compute the same function (a
 text-initialised head starts where it was), and a head that is not one Linear layer behind shape-only modules
-trains on raw features.
+trains on raw features. `InputScale` owns this for both paths: without the cache (`--cache_features false`, or a
+head the cache cannot take) `scale_uncached_probe` runs the backbone once over the first train rows for the scale.
 """
 
 from __future__ import annotations
