@@ -179,13 +179,13 @@ def load_data(run: Run) -> Run:
             run.dsd, run.spec, run.stream = prepare_streaming(task, config, run.skipped_images)
         else:
             run.dsd, run.spec = prepare_data(task, config, check=False)
+        if config.strategy.wise_ft_alpha and config.strategy.wise_ft_eval_datasets:
+            # once the class names are known, before the images are checked or the model built: fails in seconds
+            wiseft.check_eval_datasets(config, run.spec.label_names)
     if not config.data.streaming and run.spec.image_column:
         # outside main_process_first: the main process opens the images, the other ranks get its findings
         run.dsd, dropped = check_images(run.dsd, run.spec.image_column, config.data.on_bad_image, shared=True)
         run.skipped_images.update(dropped)
-    if config.strategy.wise_ft_alpha and config.strategy.wise_ft_eval_datasets:
-        with run.accelerator.main_process_first():  # before the model: a bad extra test set fails in seconds
-            wiseft.check_eval_datasets(config, run.spec.label_names)
     run.sizes = {split: len(ds) for split, ds in run.dsd.items()} | ({"train": run.stream[1]} if run.stream else {})
     logger.info(
         f"data: {config.data.dataset}: {len(run.spec.label_names)} classes; "
