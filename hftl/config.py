@@ -269,8 +269,9 @@ class TrainArgs:
     probe_standardise: bool = field(
         default=True,
         metadata={
-            "help": "linear-probe on cached features: train the head on features scaled to unit RMS (one scale, "
-            "folded into the head's weights at the end, so the saved model takes raw features)."
+            "help": "linear-probe: train the head on features scaled to unit RMS (one scale from the first 512 "
+            "train rows' features, with or without --cache_features; folded into the head's weights at the end, so "
+            "the saved model takes raw features)."
         },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty folder."})
@@ -449,6 +450,10 @@ def validate(config: RunConfig) -> None:
         from hftl.wiseft import parse_alphas  # noqa: PLC0415 (light module; checks before any work)
 
         parse_alphas(config.strategy.wise_ft_alpha, config.strategy)
+        if config.model.from_scratch:
+            raise ValueError("--wise_ft_alpha interpolates from pretrained zero-shot weights; drop --from_scratch.")
+    elif config.strategy.wise_ft_eval_datasets:
+        raise ValueError("--wise_ft_eval_datasets is the WiSE-FT evaluation: it needs --wise_ft_alpha (e.g. 0,0.5,1).")
     if config.hub.export not in (None, "onnx", "openvino") or config.hub.export_quantize not in (None, "int8"):
         raise ValueError("--export must be onnx or openvino, and --export_quantize int8 (or unset).")
     if config.strategy.freeze_lowest_levels < 0 or (

@@ -179,6 +179,9 @@ def load_data(run: Run) -> Run:
             run.dsd, run.spec, run.stream = prepare_streaming(task, config, run.skipped_images)
         else:
             run.dsd, run.spec = prepare_data(task, config, check=False)
+        if config.strategy.wise_ft_alpha and config.strategy.wise_ft_eval_datasets:
+            # once the class names are known, before the images are checked or the model built: fails in seconds
+            wiseft.check_eval_datasets(config, run.spec.label_names)
     if not config.data.streaming and run.spec.image_column:
         # outside main_process_first: the main process opens the images, the other ranks get its findings
         run.dsd, dropped = check_images(run.dsd, run.spec.image_column, config.data.on_bad_image, shared=True)
@@ -247,6 +250,10 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
         probe = probe_features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
         if probe is not None:  # the head trains on cached backbone features; adapted.model gets the trained head
             train_adapted, train_ds, eval_ds, collate = probe
+    scale = None
+    if config.strategy.strategy == "linear-probe" and probe is None and config.train.probe_standardise:
+        # the head trains inside the model: the same scale as on cached features, from a sample of train rows
+        scale = probe_features.scale_uncached_probe(task, adapted, dsd, processor, config, accelerator)
     if stream is None and probe is None and adapted.trainable:
         decoded = task.decoded_train_split(dsd["train"], processor, config.data)
         if decoded is not None:  # augmented epochs from images decoded once (hftl/fastpaths/decoded_images.py)
@@ -288,6 +295,8 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
         )
     if probe is not None:  # the head trained on standardised features: fold that into its weights
         train_adapted.model.fold()
+    if scale is not None:
+        scale.fold()
     run.model = accelerator.unwrap_model(adapted.model)
     # train images skipped as they were read (a stream, or a train split too large to check up front)
     from accelerate.utils import gather_object

@@ -4,9 +4,10 @@ recovering the zero-shot model's robustness under distribution shift.
 
 `--wise_ft_alpha 0,0.25,0.5,0.75,1` evaluates every α on validation and test and under the corruptions of
 `hftl/compare/shift.py` (`--wise_ft_shift`, severity 3) and on the test splits of `--wise_ft_eval_datasets` (other
-datasets with the same class names); the α with the best validation metric is what the run
-saves. The formula is exact at the ends: α = 0 gives the zero-shot weights and α = 1 the fine-tuned ones, bit for
-bit.
+datasets with the same class names, checked before the model is built); the α with the best validation metric is
+what the run saves. It needs `--head_init text`, so that α = 0 is the zero-shot model. The compare recipe sets the
+shift targets from its own `--shift` and `--eval_datasets`. The formula is exact at the ends: α = 0 gives the
+zero-shot weights and α = 1 the fine-tuned ones, bit for bit.
 """
 
 from __future__ import annotations
@@ -37,7 +38,27 @@ def parse_alphas(text: str, strategy_args=None) -> list[float]:
             raise ValueError("--wise_ft_alpha interpolates towards fine-tuned weights; it needs a training strategy.")
         if strategy_args.strategy == "lora" and not strategy_args.merge_lora:
             raise ValueError("--wise_ft_alpha with LoRA needs --merge_lora true (it averages the merged weights).")
+        if strategy_args.head_init != "text":
+            raise ValueError(
+                "--wise_ft_alpha interpolates from the zero-shot model, whose head is the class-prompt text "
+                "embeddings: add --head_init text (with a random head, alpha 0 would not be the zero-shot model)."
+            )
+        from hftl.compare.shift import parse_corruptions  # noqa: PLC0415 (torchvision: only when WiSE-FT is on)
+
+        parse_corruptions(strategy_args.wise_ft_shift, "--wise_ft_shift")
     return alphas
+
+
+def eval_dataset_names(strategy_args) -> list[str]:
+    return [d.strip() for d in (strategy_args.wise_ft_eval_datasets or "").split(",") if d.strip()]
+
+
+def check_eval_datasets(config, label_names: list[str]) -> None:
+    """`--wise_ft_eval_datasets` load and hold the training classes: checked once the training data is known and
+    before the model is built, instead of after the whole fine-tune."""
+    from hftl.compare.shift import check_eval_datasets as check  # noqa: PLC0415
+
+    check(config, eval_dataset_names(config.strategy), label_names, "--wise_ft_eval_datasets")
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,20 +88,18 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def _shift_sets(task, dsd, processor, config, label_names: list[str]) -> list[tuple[str, list, list]]:
     """(name, pixel batches, labels) for each corruption of the test split and each --wise_ft_eval_datasets test."""
-    from hftl.compare.shift import eval_dataset, pixel_batches, shift_targets
+    from hftl.compare.shift import eval_dataset, parse_corruptions, pixel_batches, shift_targets
 
-    names = [] if config.strategy.wise_ft_shift.lower() == "none" else config.strategy.wise_ft_shift.split(",")
+    names = parse_corruptions(config.strategy.wise_ft_shift, "--wise_ft_shift")
     batch = config.train.eval_batch_size or 2 * config.train.batch_size
     out = []
-    for name, _, dataset in shift_targets(
-        dsd["test"], task.image_column, [n.strip() for n in names], [SHIFT_SEVERITY], config.train.seed
-    ):
+    for name, _, dataset in shift_targets(dsd["test"], task.image_column, names, [SHIFT_SEVERITY], config.train.seed):
         if name != "clean":
             batches = pixel_batches(dataset, task.image_column, processor, batch)
             out.append((name, batches, list(dataset[task.label_column])))
-    extra = [d.strip() for d in (config.strategy.wise_ft_eval_datasets or "").split(",") if d.strip()]
-    for name in extra:
-        dataset = eval_dataset(config, name, label_names, task.image_column, task.label_column)
+    for name in eval_dataset_names(config.strategy):
+        option = "--wise_ft_eval_datasets"
+        dataset = eval_dataset(config, name, label_names, task.image_column, task.label_column, option)
         batches = pixel_batches(dataset, task.image_column, processor, batch)
         out.append((name, batches, list(dataset[task.label_column])))
     return out

@@ -16,9 +16,8 @@ from hftl.runner import run
 
 
 def _probe(data: Path, model: Path, out: Path, cache: bool) -> dict:
-    # raw features on both paths: the uncached path has no train statistics to standardise with
+    # --probe_standardise (default on) scales the head's input the same way on both paths
     argv = ["--dataset", str(data), "--model", str(model), "--strategy", "linear-probe", "--augment", "false"]
-    argv += ["--probe_standardise", "false"]
     argv += ["--num_epochs", "3", "--batch_size", "8", "--learning_rate", "5.0e-2", "--report_to", "none"]
     argv += ["--output_dir", str(out), "--cache_features", str(cache).lower(), "--checkpoint_every_epoch", "false"]
     return run("classification", argv)
@@ -109,14 +108,18 @@ def test_cached_split_processes_each_row_once_and_returns_the_same_items():
 
 
 @pytest.mark.slow
-def test_probe_trains_on_tiny_features_and_saves_raw_feature_weights(tmp_path, tiny_timm_dir):
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
+def test_probe_trains_on_tiny_features_and_saves_raw_feature_weights(tmp_path, tiny_timm_dir, cache):
     """The tiny random timm ResNet's features are ~1e-6 on digits: on raw features AdamW at lr 0.02 left the head at
     chance (test accuracy 0.10, loss ln 10, where logistic regression on standardised features gets 0.85); the head
-    trains on features scaled to unit RMS and the saved model, which takes raw features, scores what the probe did."""
+    trains on features scaled to unit RMS and the saved model, which takes raw features, scores what the probe did.
+    Uncached (without augmentation, so on the same features) the head trains inside the model with the same scale:
+    0.49 as cached, where raw features gave 0.14."""
     argv = ["--dataset", "hftl/digits", "--model", str(tiny_timm_dir), "--strategy", "linear-probe", "--shots", "10",
             "--image_size", "32", "--hflip", "false", "--learning_rate", "2.0e-2", "--max_steps", "60",
             "--batch_size", "16", "--max_eval_samples", "100", "--eval_every_epochs", "1000", "--report_to", "none",
-            "--output_dir", str(tmp_path / "probe"), "--checkpoint_every_epoch", "false"]  # fmt: skip
+            "--output_dir", str(tmp_path / "probe"), "--checkpoint_every_epoch", "false",
+            "--cache_features", str(cache).lower(), "--augment", "false"]  # fmt: skip
     result = run("classification", argv)
     assert result["test"]["accuracy"] > 0.3, result["test"]  # chance 0.1; 0.49 measured (60 steps at 32 px)
     # the probe's last evaluation ran on rescaled cached features, the test on the saved (folded) full model
@@ -142,7 +145,7 @@ def test_standardising_keeps_the_heads_function_and_folds_back(head):
     before = head(features).detach()
     probe = HeadOnly(head)
     assert probe.standardise(features) is None
-    inputs = (features - probe.mean) / probe.scale
+    inputs = features / probe.scale
     assert inputs.pow(2).mean().sqrt().item() == pytest.approx(1, rel=1e-4)  # what the head trains on
     torch.testing.assert_close(probe(features).logits, before, rtol=1e-4, atol=1e-12)
     with torch.no_grad():  # a training step's worth of change in the standardised parametrisation
@@ -150,7 +153,7 @@ def test_standardising_keeps_the_heads_function_and_folds_back(head):
         linear.weight.add_(0.5)
     trained = probe(features).logits.detach()
     probe.fold()
-    assert probe.mean is None and probe.scale is None
+    assert probe.scale is None and not head._forward_pre_hooks
     torch.testing.assert_close(head(features), trained, rtol=1e-4, atol=1e-6)
 
 
@@ -159,4 +162,4 @@ def test_a_head_that_is_not_one_linear_trains_on_raw_features():
     weights = {k: v.clone() for k, v in head.state_dict().items()}
     probe = HeadOnly(head)
     assert "not one Linear" in probe.standardise(_tiny_features())
-    assert probe.mean is None and all(torch.equal(v, head.state_dict()[k]) for k, v in weights.items())
+    assert probe.scale is None and all(torch.equal(v, head.state_dict()[k]) for k, v in weights.items())

@@ -215,3 +215,83 @@ def test_compare_starts_the_learning_curve_at_zero_shot(tiny_clip_dir, colour_fo
     assert (report_dir / "report" / "learning_curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="zero-shot point"):
         parse_compare_config(["--strategies", "full", "--shots", "0,1"])
+
+
+def _other_test_sets(root):
+    """A folder whose classes are not the training ones, and one without class folders (so without labels)."""
+    other = root / "other-classes"
+    for name in ("red", "green"):
+        (other / "test" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 40, 40)).save(other / "test" / name / "a.png")
+        Image.new("RGB", (32, 32), (40, 200, 40)).save(other / "test" / name / "b.png")
+    flat = root / "no-labels"
+    flat.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (40, 40, 200)).save(flat / f"{i}.png")
+    return other, flat
+
+
+def test_bad_wise_ft_eval_datasets_fail_before_the_model_is_built(tiny_clip_dir, colour_folder, tmp_path):
+    """A missing, unlabelled or differently labelled extra test set is named in seconds, with the fix, before the
+    model is loaded or anything trained (it used to surface after the whole fine-tune)."""
+    from hftl.config import parse_config
+    from hftl.runner import run
+
+    other, flat = _other_test_sets(tmp_path)
+    cases = [(tmp_path / "missing", "not a folder"), (flat, "no class sub-folders"), (other, "missing \\['blue'\\]")]
+    for dataset, reason in cases:
+        out = tmp_path / f"out-{dataset.name}"
+        argv = _argv(colour_folder, tiny_clip_dir, out, "--strategy", "full", "--head_init", "text")
+        argv += ["--wise_ft_alpha", "0,1", "--wise_ft_shift", "none", "--wise_ft_eval_datasets", str(dataset)]
+        with pytest.raises(ValueError, match=f"--wise_ft_eval_datasets.*{dataset.name}.*{reason}"):
+            run("classification", argv)
+        assert not out.exists(), "nothing may be trained or written before the extra test sets are checked"
+    # options are checked before any data: WiSE-FT starts from the zero-shot model; shifts and extra sets need it
+    with pytest.raises(ValueError, match="--head_init text"):
+        parse_config(["--wise_ft_alpha", "0,1"])
+    with pytest.raises(ValueError, match="--wise_ft_shift: unknown corruption 'blurr'"):
+        parse_config(["--wise_ft_alpha", "0,1", "--head_init", "text", "--wise_ft_shift", "blurr"])
+    with pytest.raises(ValueError, match="needs --wise_ft_alpha"):
+        parse_config(["--wise_ft_eval_datasets", str(colour_folder)])
+
+
+def test_compare_reports_every_wise_ft_alpha_under_its_shift_evaluation(tiny_clip_dir, colour_folder, tmp_path):
+    """compare's --shift and --eval_datasets reach each cell's WiSE-FT: every alpha is reported in-distribution, per
+    corruption and per extra test set, in the report's tables; zero-shot cells (nothing to interpolate) run plain.
+    A bad --eval_datasets stops the grid before its first cell."""
+    from hftl.compare import compare, parse_compare_config
+
+    report_dir = tmp_path / "cmp"
+    argv = [
+        "--dataset", str(colour_folder), "--models", str(tiny_clip_dir), "--strategies", "zero-shot,linear-probe",
+        "--shots", "0,2", "--seeds", "1", "--report_dir", str(report_dir), "--isolate", "false", "--shift", "blur",
+        "--shift_severities", "3", "--adapt", "", "--eval_datasets", str(colour_folder), "--scratch_baseline",
+        "false", "--head_init", "text", "--prompt_templates", TEMPLATE, "--num_epochs", "1", "--batch_size", "8",
+        "--report_to", "none", "--wise_ft_alpha", "0,1", "--learning_rate", "3.0e-2",
+    ]  # fmt: skip
+    summary = compare(argv)
+    rows = {row["alpha"]: row for row in summary["wise_ft"]}
+    assert set(rows) == {0.0, 1.0}
+    extra = f"{colour_folder}_accuracy"
+    for row in rows.values():
+        assert row["strategy"] == "linear-probe" and row["shots"] == "2" and row["chosen"] in (0, 1)
+        assert {"validation", "test_accuracy", "blur_accuracy", extra} <= set(row)
+        assert "noise_accuracy" not in row  # the grid's --shift, not WiSE-FT's own default list
+        assert row[extra] == pytest.approx(row["test_accuracy"])  # the same folder's test split
+    zero = next(r for r in summary["leaderboard"] if r["strategy"] == "zero-shot")
+    assert rows[0.0]["test_accuracy"] == pytest.approx(zero["accuracy_mean"])  # alpha 0 is the zero-shot model
+    assert sum(row["chosen"] for row in rows.values()) == 1
+    readme = (report_dir / "report" / "README.md").read_text()
+    assert "## WiSE-FT" in readme and "| alpha | chosen | validation | test | blur |" in readme
+    assert (report_dir / "report" / "wise_ft.csv").is_file()
+
+    other, _ = _other_test_sets(tmp_path)
+    bad = [
+        a if a != str(colour_folder) or argv[i - 1] != "--eval_datasets" else str(other) for i, a in enumerate(argv)
+    ]
+    bad[bad.index("--report_dir") + 1] = str(tmp_path / "bad")
+    with pytest.raises(ValueError, match="--eval_datasets: extra test set .*other-classes"):
+        compare(bad)
+    assert not (tmp_path / "bad" / "runs").exists()
+    with pytest.raises(ValueError, match="--shift and --eval_datasets: drop --wise_ft_shift"):
+        parse_compare_config([*argv, "--wise_ft_shift", "noise"])

@@ -24,6 +24,7 @@ from hftl.compare.grid import (
     Cell,
     CompareArgs,
     cell_config,
+    check_extra_test_sets,
     grid,
     model_slug,
     parse_compare_config,
@@ -57,6 +58,7 @@ def compare(argv: list[str] | None = None, defaults: dict | None = None) -> dict
 
     console()
     args, base = parse_compare_config(argv, defaults)
+    check_extra_test_sets(args, base)
     run_dirs = run_grid(args, base)
     if int(os.environ.get("RANK", "0")) != 0:
         return {}

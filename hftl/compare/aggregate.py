@@ -43,6 +43,7 @@ def load_cell(run_dir: Path) -> dict:
         "peak_cuda_mb": resources.get("peak_cuda_mb"),
         "dataset": results["dataset"],
         "hardware": results.get("hardware", ""),
+        "wise_ft": results.get("wise_ft"),
     }
 
 
@@ -82,6 +83,30 @@ def aggregate(cells: list[dict]) -> list[dict]:
             "run_dirs": sorted(m["run_dir"] for m in members),
         })  # fmt: skip
     return sorted(rows, key=lambda r: (shots_order(r["shots"]), -r["accuracy_mean"]))
+
+
+def wise_ft_rows(cells: list[dict]) -> list[dict]:
+    """One row per (model, strategy, shots, alpha) of the cells run with --wise_ft_alpha: validation, test and every
+    shifted test set's accuracy (mean over seeds), and in how many seeds validation chose this alpha."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for cell in cells:
+        if cell.get("wise_ft"):
+            groups[(cell["model"], cell["strategy"], cell["shots"])].append(cell["wise_ft"])
+    rows = []
+    for (model, strategy, shots), reports in groups.items():
+        by_alpha: dict[float, list[dict]] = defaultdict(list)
+        for report in reports:
+            for row in report["alphas"]:
+                by_alpha[row["alpha"]].append(row)
+        for alpha, members in sorted(by_alpha.items()):
+            keys = [k for k in members[0] if k != "alpha"]  # validation, test_accuracy, <shift target>_accuracy
+            rows.append({
+                "model": model, "strategy": strategy, "shots": shots, "alpha": alpha, "seeds": len(members),
+                "chosen": sum(report["best_alpha"] == alpha for report in reports),
+                "shift_severity": reports[0].get("shift_severity"),
+                **{k: statistics.mean(m[k] for m in members) for k in keys},
+            })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["model"], r["strategy"], shots_order(r["shots"]), r["alpha"]))
 
 
 def shots_order(shots: str) -> float:

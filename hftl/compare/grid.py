@@ -14,7 +14,7 @@ from copy import deepcopy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from hftl.compare.shift import ADAPT_METHODS, CORRUPTIONS
+from hftl.compare.shift import ADAPT_METHODS, CORRUPTIONS, parse_corruptions
 from hftl.config import CONFIG_CLASSES, STRATEGIES, RunConfig, config_file_values
 from hftl.config import parse_config as parse_run_config
 from hftl.config import validate as validate_run_config
@@ -75,7 +75,11 @@ class CompareArgs:
         },
     )
     eval_datasets: str | None = field(
-        default=None, metadata={"help": "Extra test sets with the same labels (ids, folders, bundled), comma list."}
+        default=None,
+        metadata={
+            "help": "Extra test sets with the same labels (ids, folders, bundled), comma list. With --wise_ft_alpha, "
+            "every alpha of every cell is also tested on them and on --shift (severity 3)."
+        },
     )
     push_report: str | None = field(default=None, metadata={"help": "Upload report/ to this Hub dataset repo."})
     rank: bool = field(
@@ -162,7 +166,23 @@ def parse_compare_config(argv: list[str] | None = None, defaults: dict | None = 
     rest = _drop_config_flag(rest)
     base = parse_run_config(rest, run_defaults)
     validate(args)
+    flags = {token.split("=")[0][2:].replace("-", "_") for token in rest if token.startswith("--")}
+    _wise_ft_targets(args, base, flags | set(run_defaults))
     return args, base
+
+
+def _wise_ft_targets(args: CompareArgs, base: RunConfig, given: set[str]) -> None:
+    """With --wise_ft_alpha, every alpha is tested under the grid's own shift evaluation (--shift corruptions at
+    WiSE-FT's severity, --eval_datasets): one place sets it, so the per-alpha table and the shift table agree."""
+    if not base.strategy.wise_ft_alpha:
+        return
+    own = sorted({"wise_ft_shift", "wise_ft_eval_datasets"} & given)
+    if own:
+        raise ValueError(
+            f"compare sets WiSE-FT's shift evaluation from --shift and --eval_datasets: drop --{' --'.join(own)}."
+        )
+    base.strategy.wise_ft_shift = ",".join(shift_corruptions(args)) or "none"
+    base.strategy.wise_ft_eval_datasets = ",".join(split_list(args.eval_datasets)) or None
 
 
 def _drop_config_flag(argv: list[str]) -> list[str]:
@@ -194,9 +214,7 @@ def validate(args: CompareArgs) -> None:
     for name, value in (("--budget_seconds", args.budget_seconds), ("--budget_params", args.budget_params)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive.")
-    for corruption in shift_corruptions(args):
-        if corruption not in CORRUPTIONS:
-            raise ValueError(f"--shift: unknown corruption {corruption!r}; choose from {', '.join(CORRUPTIONS)}.")
+    shift_corruptions(args)
     for severity in split_list(args.shift_severities):
         if not (severity.isdigit() and 1 <= int(severity) <= 5):
             raise ValueError(f"--shift_severities: {severity!r} is not a severity 1..5.")
@@ -208,8 +226,21 @@ def validate(args: CompareArgs) -> None:
         raise ValueError("--shift_cells must be 'best', 'all', or a comma list of strategies (e.g. full,lora).")
 
 
+def check_extra_test_sets(args: CompareArgs, base: RunConfig) -> None:
+    """--eval_datasets load and hold the dataset's classes: checked before the first cell, where a bad one used to
+    be found by the report, after the whole grid (and, with WiSE-FT, after each cell's fine-tune)."""
+    extra = split_list(args.eval_datasets)
+    if extra:
+        from hftl.compare.shift import check_eval_datasets
+        from hftl.runner import prepare_data
+        from hftl.tasks import get_task
+
+        _, spec = prepare_data(get_task("classification", base), base, check=False)
+        check_eval_datasets(base, extra, spec.label_names, "--eval_datasets")
+
+
 def shift_corruptions(args: CompareArgs) -> list[str]:
-    return [] if (args.shift or "none").lower() == "none" else split_list(args.shift)
+    return parse_corruptions(args.shift, "--shift")
 
 
 def grid(args: CompareArgs) -> list[Cell]:
@@ -254,6 +285,8 @@ def cell_config(base: RunConfig, cell: Cell, run_dir: Path, overrides: dict | No
         setattr(group, key, value)
     config.model.model = cell.model
     config.model.from_scratch = cell.strategy == SCRATCH
+    if cell.strategy in (SCRATCH, ZERO_SHOT):  # no zero-shot start, or nothing fine-tuned, to interpolate
+        config.strategy.wise_ft_alpha = config.strategy.wise_ft_eval_datasets = None
     config.strategy.strategy = "full" if cell.strategy == SCRATCH else cell.strategy
     config.data.shots = 1 if cell.shots == 0 else cell.shots  # zero-shot never reads train: load the least
     config.train.seed = base.train.seed + cell.seed_index

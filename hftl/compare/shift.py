@@ -188,22 +188,64 @@ def adapted_accuracy(model: nn.Module, method: str, batches: list[torch.Tensor],
     return accuracy(candidate, batches, labels)
 
 
-def eval_dataset(config, dataset: str, names: list[str], image_column: str, label_column: str):
-    """Another dataset's test split with its labels mapped onto the model's (same class names required)."""
+def parse_corruptions(text: str | None, option: str) -> list[str]:
+    """The corruption names of a comma list ('none' or empty: none), each checked; `option` names the flag."""
+    names = [] if (text or "none").strip().lower() == "none" else [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in SEVERITY_PARAMS:
+            raise ValueError(f"{option}: unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)} or none.")
+    return names
+
+
+def _other_dataset(config, dataset: str, names: list[str], option: str):
+    """(run config, task, DatasetDict with standard splits, DataSpec) for the extra test set `dataset`, checked to
+    hold a label column with the class names `names`; errors name `option` and the fix."""
     from copy import deepcopy
 
-    from datasets import ClassLabel
-
-    from hftl.runner import prepare_data
+    from hftl.data import TEST_NAMES, VALIDATION_NAMES, load_dataset_dict, standard_splits
     from hftl.tasks import get_task
 
     other = deepcopy(config)
     other.data.dataset, other.data.shots, other.data.image_column, other.data.label_column = dataset, None, None, None
+    other.data.dataset_config = other.data.dataset_revision = None
     task = get_task("classification", other)
+    try:
+        dsd = load_dataset_dict(other.data, task)
+        # only a test split is needed (shift benchmarks often have nothing else); a dataset without one is all test
+        splits = [name for name in (*TEST_NAMES, *VALIDATION_NAMES) if name in dsd] + list(dsd)
+        other.data.train_split = other.data.validation_split = other.data.test_split = splits[0]
+        dsd = standard_splits(dsd, other.data, other.train.seed)
+        spec = task.data_spec(dsd, other.data)
+    except (ValueError, OSError) as error:  # not found, no labels, no image column, no splits: say which option
+        raise ValueError(
+            f"{option}: extra test set {dataset!r} cannot be used: {error} It must be a dataset (Hub id, folder or "
+            "bundled name) with an image and a label column over the same classes; fix or drop it."
+        ) from None
+    if set(spec.label_names) != set(names):
+        missing, extra = sorted(set(names) - set(spec.label_names)), sorted(set(spec.label_names) - set(names))
+        raise ValueError(
+            f"{option}: extra test set {dataset!r} has other classes than the training data (missing {missing}, "
+            f"not trained on {extra}); it needs the same class names ({len(names)}: {names[:10]}). Fix or drop it."
+        )
+    return other, task, dsd, spec
+
+
+def check_eval_datasets(config, datasets: list[str], names: list[str], option: str) -> None:
+    """Every extra test set loads and has the class names `names`: checked before training, where a bad one used to
+    be found only after the whole fine-tune (its images are opened when it is evaluated)."""
+    for dataset in datasets:
+        _other_dataset(config, dataset, names, option)
+
+
+def eval_dataset(config, dataset: str, names: list[str], image_column: str, label_column: str, option: str = ""):
+    """Another dataset's test split with its labels mapped onto the model's (same class names required)."""
+    from datasets import ClassLabel
+
+    from hftl.runner import prepare_data
+
+    other, task, _, _ = _other_dataset(config, dataset, names, option or "--eval_datasets")
     dsd, spec = prepare_data(task, other)
     other_names, image, label = spec.label_names, spec.image_column, spec.label_column
-    if set(other_names) != set(names):
-        raise ValueError(f"Extra test set {dataset!r} has classes {other_names}; the models were trained on {names}.")
     to_model = [names.index(n) for n in other_names]
     test = dsd["test"].select_columns([image, label])
     test = test.map(lambda ex: {label: to_model[ex[label]]}, keep_in_memory=True)

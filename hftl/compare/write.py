@@ -20,6 +20,7 @@ from hftl.compare.aggregate import (
     pretrained_vs_scratch,
     recommend,
     shots_order,
+    wise_ft_rows,
 )
 from hftl.compare.grid import shift_corruptions, split_list
 from hftl.compare.shift import eval_dataset, evaluate_shift
@@ -131,6 +132,9 @@ def write_report(args, run_dirs: list[Path]) -> dict:
     recommendation = recommend(rows, args.budget_seconds, args.budget_params)
     versus = pretrained_vs_scratch(rows)
     shift_rows = shift_evaluation(args, rows, recommendation)
+    wise_rows = wise_ft_rows(cells)
+    if wise_rows:
+        _write_csv(report / "wise_ft.csv", wise_rows, list(dict.fromkeys(k for r in wise_rows for k in r)))
     _write_csv(report / "leaderboard.csv", rows)
     (report / "leaderboard.md").write_text(leaderboard_markdown(rows) + "\n")
     plots = [
@@ -156,6 +160,7 @@ def write_report(args, run_dirs: list[Path]) -> dict:
         "recommendation": recommendation,
         "pretrained_vs_scratch": versus,
         "shift": shift_rows,
+        "wise_ft": wise_rows,
         "plots": [p.name for p in plots],
     }
     (report / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -259,7 +264,32 @@ def report_markdown(summary: dict, args) -> str:
     lines += ["## Plots", ""] + [f"![{name}]({name})" for name in summary["plots"]] + [""]
     if summary["shift"]:
         lines += ["## Under distribution shift", "", shift_markdown(summary["shift"]), ""]
+    if summary.get("wise_ft"):
+        lines += ["## WiSE-FT: every alpha in-distribution and under shift", "", wise_ft_markdown(summary["wise_ft"])]
     return "\n".join(lines)
+
+
+def wise_ft_markdown(wise_rows: list[dict]) -> str:
+    """One table per model × strategy × shots: a row per alpha (0 = zero-shot, 1 = fine-tuned), accuracy on
+    validation, test and each shifted test set, mean over seeds; 'chosen' counts the seeds whose validation picked
+    it (the saved model)."""
+    out = []
+    for (model, strategy, shots), members in group(wise_rows, ("model", "strategy", "shots")).items():
+        shifted = [k for k in members[0] if k.endswith("_accuracy") and k != "test_accuracy"]
+        severity = members[0].get("shift_severity")
+        out.append(
+            f"**{model} + {strategy}, shots {shots}** (accuracy, mean over {members[0]['seeds']} seed(s); "
+            f"corruptions at severity {severity})\n"
+        )
+        out.append(
+            "| alpha | chosen | validation | test | " + " | ".join(k.removesuffix("_accuracy") for k in shifted) + " |"
+        )
+        out.append("|---|---|---|---|" + "---|" * len(shifted))
+        for r in members:
+            values = [f"{r['validation']:.4f}", f"{r['test_accuracy']:.4f}", *(f"{r[k]:.4f}" for k in shifted)]
+            out.append(f"| {r['alpha']:g} | {r['chosen']}/{r['seeds']} | " + " | ".join(values) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def shift_markdown(shift_rows: list[dict]) -> str:

@@ -15,7 +15,8 @@ folded into the head's Linear layer at the end, so the saved model takes raw fea
 features are tiny (a randomly initialised one: 1e-6 on digits) leaves the head untrained: AdamW's steps of lr
 move the logits by lr × feature. The head's starting weights are rescaled to compute the same function (a
 text-initialised head starts where it was), and a head that is not one Linear layer behind shape-only modules
-trains on raw features.
+trains on raw features. `InputScale` owns this for both paths: without the cache (`--cache_features false`, or a
+head the cache cannot take) `scale_uncached_probe` runs the backbone once over the first train rows for the scale.
 """
 
 from __future__ import annotations
@@ -33,42 +34,40 @@ from hftl.strategies import Adapted
 logger = get_logger(__name__)
 
 SUPPORTED_TASKS = ("classification",)
+# the head-input rows the probe scale is estimated from, on both paths (the uncached one runs the backbone once
+# over them before training)
+SCALE_SAMPLE_ROWS = 512
 
 
-class HeadOnly(nn.Module):
-    """The model's head module, fed cached head inputs through the `pixel_values` argument tasks already pass;
-    standardised first when `standardise` has set a mean and scale (call `fold` after training)."""
+class InputScale:
+    """One unit-RMS scale on a probe head's input, the one owner of `--probe_standardise` for the cached and the
+    uncached path: the head's Linear absorbs it while training (W' = W·s) and a forward pre-hook divides its input
+    by s, so the head computes the same function; `fold` removes the hook and puts s back into W, after which the
+    head takes raw features again."""
 
     def __init__(self, head: nn.Module):
-        super().__init__()
         self.head = head
-        self.register_buffer("mean", None, persistent=False)
-        self.register_buffer("scale", None, persistent=False)
-
-    def forward(self, pixel_values: torch.Tensor, **unused) -> ImageClassifierOutput:
-        if self.mean is not None:
-            pixel_values = (pixel_values - self.mean) / self.scale
-        return ImageClassifierOutput(logits=self.head(pixel_values))
+        self.scale: float | None = None
+        self._hook = None
 
     @torch.no_grad()
-    def standardise(self, features: torch.Tensor) -> str | None:
-        """Train on (x − mean) / scale from here on, with the head's Linear rescaled so the output is unchanged;
-        returns why not where the head cannot take it (then nothing changed)."""
+    def apply(self, features: torch.Tensor) -> str | None:
+        """Scale from `features` (head inputs, first rows of train) from here on; returns why not where the head
+        cannot take it (then nothing changed)."""
         linear = _only_linear(self.head)
         if linear is None or features[0].numel() != linear.in_features or len(features) < 2:
             return "the head is not one Linear layer over the flattened features"
         # one scale for every dimension, no centring: well-scaled features (RMS ~1, as pretrained backbones give)
         # are left as they are; per-dimension standardisation measured worse (digits, 10 shots, lr 0.02: a random
         # EfficientNet's probe 0.77 -> 0.34, its 1280 amplified dimensions overfit)
-        rms = features.double().pow(2).mean().sqrt().item()
-        mean = torch.zeros(features.shape[1:], dtype=torch.float64)
-        scale = torch.full(features.shape[1:], rms if rms > 0 else 1.0, dtype=torch.float64)
-        device = linear.weight.device
-        sample = features[:8].to(device)
+        rms = features[:SCALE_SAMPLE_ROWS].double().pow(2).mean().sqrt().item()
+        scale = rms if rms > 0 else 1.0
+        sample = features[:8].to(linear.weight.device, linear.weight.dtype)
         before = self.head(sample)
-        _affine(linear, scale.flatten(), mean.flatten(), fold=False)
-        self.mean, self.scale = mean.float().to(device), scale.float().to(device)
-        after = self.forward(sample).logits
+        _rescale(linear, scale)
+        self.scale = scale
+        self._hook = self.head.register_forward_pre_hook(lambda module, args: (args[0] / scale, *args[1:]))
+        after = self.head(sample)
         if not torch.allclose(after.float(), before.float(), rtol=1e-3, atol=1e-5 * before.abs().max().item()):
             self.fold()  # the layer sees something other than the flattened input: back to raw features
             return "the head's Linear does not see the flattened features"
@@ -76,10 +75,33 @@ class HeadOnly(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Put the standardisation into the head's Linear weights: the head then takes raw features again."""
-        if self.mean is not None:
-            _affine(_only_linear(self.head), self.scale.double().flatten(), self.mean.double().flatten(), fold=True)
-            self.mean, self.scale = None, None
+        if self.scale is not None:
+            self._hook.remove()
+            _rescale(_only_linear(self.head), 1.0 / self.scale)
+            self.scale, self._hook = None, None
+
+
+class HeadOnly(nn.Module):
+    """The model's head module, fed cached head inputs through the `pixel_values` argument tasks already pass;
+    scaled first once `standardise` has run (call `fold` after training)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+        self.input_scale = InputScale(head)
+
+    @property
+    def scale(self) -> float | None:
+        return self.input_scale.scale
+
+    def forward(self, pixel_values: torch.Tensor, **unused) -> ImageClassifierOutput:
+        return ImageClassifierOutput(logits=self.head(pixel_values))
+
+    def standardise(self, features: torch.Tensor) -> str | None:
+        return self.input_scale.apply(features)
+
+    def fold(self) -> None:
+        self.input_scale.fold()
 
 
 def _only_linear(head: nn.Module) -> nn.Linear | None:
@@ -91,20 +113,9 @@ def _only_linear(head: nn.Module) -> nn.Linear | None:
     return linears[0] if len(linears) == 1 and others == 0 else None
 
 
-def _affine(linear: nn.Linear, scale: torch.Tensor, mean: torch.Tensor, fold: bool) -> None:
-    """W x + b = W' (x − μ)/σ + b' with W' = W σ, b' = b + W μ; `fold` goes back (W = W'/σ, b = b' − W μ)."""
-    weight = linear.weight.double()
-    bias = linear.bias.double() if linear.bias is not None else torch.zeros(len(weight), dtype=torch.float64)
-    scale, mean = scale.to(weight.device), mean.to(weight.device)
-    if fold:
-        weight = weight / scale
-        bias = bias - weight @ mean
-    else:
-        bias = bias + weight @ mean
-        weight = weight * scale
-    linear.weight.copy_(weight.to(linear.weight.dtype))
-    if linear.bias is not None:
-        linear.bias.copy_(bias.to(linear.bias.dtype))
+def _rescale(linear: nn.Linear, factor: float) -> None:
+    """W x = (W·s)(x / s): the weights times `factor` (the bias is unchanged, as the features are not centred)."""
+    linear.weight.copy_((linear.weight.double() * factor).to(linear.weight.dtype))
 
 
 class FeatureDataset(Dataset):
@@ -192,3 +203,38 @@ def cached_linear_probe(task, adapted: Adapted, dsd, processor, config, accelera
             logger.info(f"cache_features: the head trains on raw features ({why_not}).")
     head_only = Adapted(head_only, adapted.param_groups, adapted.trainable, adapted.total)
     return head_only, cached["train"], cached["validation"], collate_features
+
+
+def scale_uncached_probe(task, adapted: Adapted, dsd, processor, config, accelerator) -> InputScale | None:
+    """`--probe_standardise` where the head trains inside the full model (`--cache_features false`, or a head the
+    cache cannot take): the frozen backbone runs once over the first `SCALE_SAMPLE_ROWS` train rows (evaluation
+    transforms, as the cache would) and the head gets the cached path's scale. Returns the applied `InputScale`
+    (fold it after training), or None where the head trains on raw features."""
+    from datasets import DatasetDict
+
+    from hftl.trainer import make_loader
+
+    names = task.head_modules(adapted.model)
+    if len(names) != 1:
+        logger.info("probe_standardise: the head trains on raw features (the model has more than one head).")
+        return None
+    model = adapted.model.to(accelerator.device)
+    sample = dsd["train"].select(range(min(SCALE_SAMPLE_ROWS, len(dsd["train"]))))
+    plain = task.prepare(DatasetDict({"train": sample}), processor, replace(config.data, augment=False))
+    args = config.train
+    loader = make_loader(
+        plain["train"], task.collate, args.eval_batch_size or 2 * args.batch_size, False, args.seed, 0
+    )
+    head = model.get_submodule(names[0])
+    try:
+        features, _ = extract_head_inputs(model, head, accelerator.prepare(loader), accelerator)
+    except HeadMismatch as why:
+        logger.info(f"probe_standardise: the head trains on raw features ({why}).")
+        return None
+    scale = InputScale(head)
+    why_not = scale.apply(features)
+    if why_not:
+        logger.info(f"probe_standardise: the head trains on raw features ({why_not}).")
+        return None
+    logger.info(f"probe_standardise: head inputs scaled by 1/{scale.scale:.3g} (RMS of {len(features)} train rows).")
+    return scale
