@@ -112,15 +112,11 @@ class StreamedSplit(torch.utils.data.IterableDataset):
         stream = stream.cast_column(image_column, ImageFeature(decode=False))  # decoded here: bad ones skipped
         self.per_rank, self.batch_size = rows // world_size, batch_size
         count = lane_count(stream.num_shards, world_size, math.ceil(self.per_rank / batch_size))
+        lanes = [stream.shard(count, lane, contiguous=False) for lane in range(count)] if count > 1 else [stream]
+        buffer = max(1, buffer_size // count)  # the lanes' buffers together hold --shuffle_buffer_size rows
         self.lanes = [
-            split_dataset_by_node(
-                stream.shard(count, lane, contiguous=False).shuffle(
-                    seed=seed + lane, buffer_size=max(1, buffer_size // count)
-                ),
-                rank,
-                world_size,
-            )
-            for lane in range(count)
+            split_dataset_by_node(lane.shuffle(seed=seed + i, buffer_size=buffer), rank, world_size)
+            for i, lane in enumerate(lanes)
         ]
         self.transform, self.image_column, self.seed, self.rank = transform, image_column, seed, rank
         self.epoch, self.start = 0, 0

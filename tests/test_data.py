@@ -210,3 +210,27 @@ def test_a_large_train_split_is_checked_as_it_is_read(tmp_path):
     batches = list(loader)
     assert [b["labels"].tolist() for b in batches] == [[0], [0]]
     assert [b[SKIPPED] for b in batches] == [[str(tmp_path / "broken.jpg")], []]
+
+
+def test_a_run_names_a_train_image_found_unreadable_in_a_loader_worker(
+    tiny_vit_dir, colour_folder, tmp_path, monkeypatch, caplog
+):
+    """A train split checked as it is read (over the up-front limit; decoded every epoch) with two DataLoader
+    workers: the unreadable image is skipped in a worker and named at the end of the epoch and in the results."""
+    import shutil
+
+    import hftl.image_check
+    from hftl.runner import run
+    from tests.fixtures.data import classification_argv
+
+    monkeypatch.setattr(hftl.image_check, "UP_FRONT_MAX_ROWS", 0)
+    data = shutil.copytree(colour_folder, tmp_path / "data")
+    broken = data / "train" / "red" / "red_9.png"
+    broken.write_bytes(b"not a png")
+    extra = ["--num_epochs", "1", "--image_size", "32", "--num_workers", "2", "--decoded_cache_max_mb", "0"]
+    args = classification_argv(data, tiny_vit_dir, tmp_path / "out", *extra, "--validation_split", "test")
+    with caplog.at_level(logging.INFO, logger="hftl"):
+        results = run("classification", args)
+    assert results["skipped_images"] == {"train": [str(broken)]}
+    assert results["num_samples"]["train"] == 48 and np.isfinite(results["history"][0]["train_loss"])
+    assert f"epoch 1: skipped 1 unreadable train image(s): {broken}" in caplog.text

@@ -138,9 +138,14 @@ def test_streamed_run_trains_and_resumes_exactly_with_workers_and_names_a_corrup
 
 @pytest.mark.slow
 def test_streamed_run_under_two_processes(tiny_vit_dir, colour_folder, tmp_path):
+    """Two ranks with two DataLoader workers each: the image one of them could not read is named in the results."""
+    data = shutil.copytree(colour_folder, tmp_path / "data")
+    broken = data / "train" / "red" / "red_9.png"
+    broken.write_bytes(b"not a png")
     out = tmp_path / "ddp"
-    launch_two_ranks(REPO / "recipes" / "classify.py", *_argv(colour_folder, tiny_vit_dir, out))
+    launch_two_ranks(REPO / "recipes" / "classify.py", *_argv(data, tiny_vit_dir, out, "--num_workers", "2"))
     results = json.loads((out / "all_results.json").read_text())
     assert "2 process(es)" in results["hardware"]
     assert results["train"]["steps"] == 2 * 3  # 43 rows: 21 per rank, 3 batches of 8 per epoch
     assert results["test"]["num_samples"] == 16
+    assert results["skipped_images"] == {"train": [str(broken)]}
