@@ -49,7 +49,7 @@ def check_images(
 ):
     """Returns (the splits without unreadable images, {split: [skipped file, ...]}). With on_bad_image 'error',
     raises naming the bad files of every split instead. A train split over `up_front_max_rows` rows is not opened
-    here (that would cost more than seconds): its images are checked as they are read (`decode_readable`, or the
+    here (that would cost more than seconds): its images are checked as they are read (`decode_or_none`, or the
     decoded-image cache). `shared`: called by every rank at once; the main process opens the images and the others
     get the list of bad rows from it (all ranks hold the same rows)."""
     limit = UP_FRONT_MAX_ROWS if up_front_max_rows is None else up_front_max_rows
