@@ -49,7 +49,7 @@ def check_images(
 ):
     """Returns (the splits without unreadable images, {split: [skipped file, ...]}). With on_bad_image 'error',
     raises naming the bad files of every split instead. A train split over `up_front_max_rows` rows is not opened
-    here (that would cost more than seconds): its images are checked as they are read (`decode_readable`, or the
+    here (that would cost more than seconds): its images are checked as they are read (`decode_or_none`, or the
     decoded-image cache). `shared`: called by every rank at once; the main process opens the images and the others
     get the list of bad rows from it (all ranks hold the same rows)."""
     limit = UP_FRONT_MAX_ROWS if up_front_max_rows is None else up_front_max_rows
@@ -115,21 +115,37 @@ def _shared_result(compute, shared: bool):
     return value[0]
 
 
-def decode_readable(items: list, labels: list, skipped: list) -> tuple[list, list]:
-    """(images, labels) of the readable items of a batch (encoded, or already decoded PIL images); the others are
-    dropped and their names appended to `skipped`."""
-    images, kept = [], []
-    for item, label in zip(items, labels):
-        if isinstance(item, dict):
-            try:
-                item = ImageFeature().decode_example(item)  # exactly as datasets decodes it
-            except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError):
-                skipped.append(describe(item))
-                logger.info(f"skipped an unreadable image: {describe(item)}", main_process_only=False)
-                continue
-        images.append(item)
-        kept.append(label)
-    return images, kept
+# Images skipped as they are read travel with the data, as values: a DataLoader worker's objects are copies, so a
+# list kept on the dataset or the task there never reaches the training loop. A train item that stands for such an
+# image holds only its name under UNREADABLE; `collate_readable` drops those items and hands their names on under
+# SKIPPED in the batch, which the training loop takes out (hftl/trainer.py).
+UNREADABLE = "unreadable_image"
+SKIPPED = "skipped_images"
+
+
+def decode_or_none(item):
+    """An encoded image ({"bytes", "path"}) decoded exactly as datasets decodes it, or None when it cannot be read;
+    an already decoded image is returned as it is."""
+    if not isinstance(item, dict):
+        return item
+    try:
+        return ImageFeature().decode_example(item)
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError):
+        logger.info(f"skipped an unreadable image: {describe(item)}", main_process_only=False)
+        return None
+
+
+class collate_readable:  # noqa: N801 (used as a function; a class so that DataLoader workers can pickle it)
+    """`collate` over the readable items of a train batch; the batch's SKIPPED lists the names of the others."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples: list) -> dict:
+        names = [e[UNREADABLE] for e in examples if e.get(UNREADABLE)]
+        batch = self.collate([e for e in examples if not e.get(UNREADABLE)])
+        batch[SKIPPED] = names
+        return batch
 
 
 def image_ok(item) -> bool:

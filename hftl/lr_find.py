@@ -39,6 +39,7 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
 def range_test(task, adapted, train_dataset, collate_fn, args, accelerator, start=1e-6, end=1.0, steps=100):
     """Runs the test on `adapted` (its param groups' lr are multipliers: 1.0 for the base rate) and restores the
     model's weights and buffers afterwards. Stops early once the loss diverges."""
+    from hftl.image_check import SKIPPED, collate_readable
     from hftl.strategies import optimizer_groups
     from hftl.trainer import SeededItems, make_loader
 
@@ -50,13 +51,14 @@ def range_test(task, adapted, train_dataset, collate_fn, args, accelerator, star
     optimizer = torch.optim.AdamW(groups) if args.optimizer == "adamw" else torch.optim.SGD(groups, momentum=0.9)
     factor = (end / start) ** (1 / max(1, steps - 1))
     items = SeededItems(train_dataset, args.seed)
-    loader = make_loader(items, collate_fn, args.batch_size, True, args.seed, args.num_workers)
+    loader = make_loader(items, collate_readable(collate_fn), args.batch_size, True, args.seed, args.num_workers)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     lrs, losses, smooth, beta = [], [], 0.0, 0.9
     model.train()
     step = 0
     while step < steps:
         for batch in loader:
+            del batch[SKIPPED]  # named by the training run that follows
             loss = task.forward(model, batch).loss
             accelerator.backward(loss)
             optimizer.step()

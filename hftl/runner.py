@@ -176,15 +176,18 @@ def load_data(run: Run) -> Run:
         if config.data.streaming:
             from hftl.streaming import prepare_streaming
 
-            run.dsd, run.spec, run.stream = prepare_streaming(task, config, run.skipped_images)
+            run.dsd, run.spec, run.stream = prepare_streaming(task, config)
         else:
             run.dsd, run.spec = prepare_data(task, config, check=False)
         if config.strategy.wise_ft_alpha and config.strategy.wise_ft_eval_datasets:
             # once the class names are known, before the images are checked or the model built: fails in seconds
             wiseft.check_eval_datasets(config, run.spec.label_names)
-    if not config.data.streaming and run.spec.image_column:
-        # outside main_process_first: the main process opens the images, the other ranks get its findings
-        run.dsd, dropped = check_images(run.dsd, run.spec.image_column, config.data.on_bad_image, shared=True)
+    if run.spec.image_column:
+        # outside main_process_first: the main process opens the images, the other ranks get its findings; a
+        # stream's train images are checked as they are read (hftl/streaming.py)
+        splits = DatasetDict({k: v for k, v in run.dsd.items() if not (run.stream and k == "train")})
+        checked, dropped = check_images(splits, run.spec.image_column, config.data.on_bad_image, shared=True)
+        run.dsd = DatasetDict({**run.dsd, **checked})
         run.skipped_images.update(dropped)
     run.sizes = {split: len(ds) for split, ds in run.dsd.items()} | ({"train": run.stream[1]} if run.stream else {})
     logger.info(
@@ -244,7 +247,8 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
         train_transform = prepared["train"].format["format_kwargs"]["transform"]
         train_ds = StreamedSplit(
             stream[0], train_transform, spec.image_column, stream[1], config.train.seed,
-            config.data.shuffle_buffer_size, accelerator.process_index, accelerator.num_processes,
+            config.data.shuffle_buffer_size, config.train.batch_size, accelerator.process_index,
+            accelerator.num_processes,
         )  # fmt: skip
     elif config.strategy.strategy == "linear-probe" and config.train.cache_features:
         probe = probe_features.cached_linear_probe(task, adapted, dsd, processor, config, accelerator)
@@ -298,10 +302,10 @@ def train_model(run: Run, lr_find_only: bool = False) -> Run:
     if scale is not None:
         scale.fold()
     run.model = accelerator.unwrap_model(adapted.model)
-    # train images skipped as they were read (a stream, or a train split too large to check up front)
+    # train images skipped as they were read (a stream, or a train split too large to check up front), by any rank
     from accelerate.utils import gather_object
 
-    read_bad = [*getattr(train_ds, "skipped", []), *task.unreadable_train_images()]
+    read_bad = result.state.skipped_images
     read_bad = sorted(set(gather_object(list(read_bad)))) if accelerator.num_processes > 1 else sorted(set(read_bad))
     if read_bad:
         run.skipped_images["train"] = sorted(set(run.skipped_images.get("train", [])) | set(read_bad))

@@ -1,11 +1,14 @@
 """`--streaming`: train on a `datasets.IterableDataset` that never has to fit on disk or in memory.
 
-Each rank reads its own shards (`split_dataset_by_node`) through a shuffle buffer whose order `set_epoch` reseeds.
-An epoch is a number of samples (the split's row count, or --max_train_samples), the same on every rank, so the
-ranks step together; a rank whose shards run out early reads them again. Everything is decided by (seed, epoch,
-rank, position), so resuming skips exactly the samples already trained on. Images are decoded here, one by one: an
-unreadable one is skipped, counted, and named at the end of the epoch (and in all_results.json). Evaluation uses a
-fixed, non-streamed split: the dataset's own validation/test split when it has one, else the first rows of the
+Each rank reads its own shards (`split_dataset_by_node`), dealt into lanes, each through a shuffle buffer whose order
+`set_epoch` reseeds. An epoch is a number of samples (the split's row count, or --max_train_samples), the same on
+every rank, so the ranks step together; a lane whose shards run out early reads them again. Batch b of a rank is
+the next rows of lane b % lanes and DataLoader worker w makes the batches b % num_workers == w: with a worker count
+that divides the lanes each worker reads only its own shards, and with any count the batches, and the seed of each
+sample's augmentation (seed, epoch, rank, position), are what they are without workers, so resuming skips exactly
+the samples already trained on. Images are decoded in the workers: an unreadable one is skipped and its name sent
+with the batch (hftl/image_check.py), to be named at the end of the epoch and in all_results.json. Evaluation uses
+a fixed, non-streamed split: the dataset's own validation/test split when it has one, else the first rows of the
 stream, held out of training.
 """
 
@@ -21,12 +24,15 @@ from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 
 from hftl.data import TEST_NAMES, VALIDATION_NAMES
-from hftl.image_check import check_images, describe, image_ok
+from hftl.image_check import UNREADABLE, describe, image_ok
 from hftl.log import get_logger
 
 logger = get_logger(__name__)
 
 HELD_OUT_ROWS = 1000  # rows of the stream kept for validation when the dataset has no validation split
+LANES = (8, 4, 2)  # lane counts tried, most first: then 1, 2, 4 or 8 workers each read shards of their own
+LANE_BATCHES = 4  # fewest batches a lane makes per epoch (fewer lanes on tiny splits: a lane's supply is uneven)
+CHUNK_ROWS = 64  # rows read from a lane at a time
 
 
 def load_streams(data_args, seed: int):
@@ -36,9 +42,10 @@ def load_streams(data_args, seed: int):
         from hftl.local_data import load_hub_layout, load_imagefolder
 
         local = load_hub_layout(name) or load_imagefolder(name)
-        streams = {k: v.to_iterable_dataset(num_shards=min(len(v), 64)) for k, v in local.items()}
+        streams = {k: _local_stream(v) for k, v in local.items()}
         rows = {k: len(v) for k, v in local.items()}
     else:
+        local = None
         streams = datasets.load_dataset(
             name, data_args.dataset_config, revision=data_args.dataset_revision, streaming=True
         )
@@ -62,7 +69,10 @@ def load_streams(data_args, seed: int):
         if rows.get(split):
             held_out = min(held_out, math.ceil(data_args.validation_fraction * rows[split]))
         fixed["validation"] = _materialize(train, held_out)
-        train = train.skip(held_out)
+        if local is not None:  # exact: skip() on a sharded stream skips its share of the rows in every shard
+            train = _local_stream(local[split].select(range(held_out, len(local[split]))))
+        else:
+            train = train.skip(held_out)
         logger.info(f"No validation split: the first {held_out} streamed rows are held out for validation.")
     fixed.setdefault("test", fixed["validation"])
     epoch_rows = data_args.max_train_samples or (rows.get(split) and rows[split] - held_out)
@@ -74,9 +84,10 @@ def load_streams(data_args, seed: int):
     return train, fixed, epoch_rows
 
 
-def prepare_streaming(task, config, skipped: dict):
+def prepare_streaming(task, config):
     """The streaming counterpart of runner.prepare_data: (DatasetDict whose train is a small head of the stream,
-    for column detection and the transforms, DataSpec, (train stream, rows per epoch))."""
+    for column detection and the transforms, DataSpec, (train stream, rows per epoch)). The fixed splits' images are
+    checked by the caller, as on the non-streamed path (once, on the main process: runner.load_data)."""
     data_args = config.data
     if task.name != "classification":
         raise ValueError(f"--streaming is implemented for classification, not {task.name}.")
@@ -89,69 +100,96 @@ def prepare_streaming(task, config, skipped: dict):
             f"--streaming needs class names in the dataset's features (a ClassLabel column); {spec.label_column!r} "
             "is not one, and finding every name would read the whole stream."
         )
-    fixed_checked, dropped = check_images(DatasetDict(fixed), spec.image_column, data_args.on_bad_image)
-    skipped.update(dropped)
-    dsd = DatasetDict({"train": head, **fixed_checked})
     return dsd, spec, (train, epoch_rows)
 
 
 class StreamedSplit(torch.utils.data.IterableDataset):
-    """This rank's share of a streamed split: `rows // world_size` transformed items per epoch."""
+    """This rank's share of a streamed split: `rows // world_size` transformed items per epoch, yielded as lists of
+    `batch_size` items (the last one shorter) that the loader's collate function makes into batches
+    (DataLoader(batch_size=None)); a list also holds an item naming each image skipped while filling it."""
 
-    def __init__(self, stream, transform, image_column, rows, seed, buffer_size, rank=0, world_size=1):
+    def __init__(self, stream, transform, image_column, rows, seed, buffer_size, batch_size, rank=0, world_size=1):
         stream = stream.cast_column(image_column, ImageFeature(decode=False))  # decoded here: bad ones skipped
-        self.stream = split_dataset_by_node(stream.shuffle(seed=seed, buffer_size=buffer_size), rank, world_size)
-        self.transform, self.image_column = transform, image_column
-        self.per_rank, self.seed, self.rank = rows // world_size, seed, rank
-        self.epoch, self.start, self.skipped = 0, 0, []
+        self.per_rank, self.batch_size = rows // world_size, batch_size
+        count = lane_count(stream.num_shards, world_size, math.ceil(self.per_rank / batch_size))
+        lanes = [stream.shard(count, lane, contiguous=False) for lane in range(count)] if count > 1 else [stream]
+        buffer = max(1, buffer_size // count)  # the lanes' buffers together hold --shuffle_buffer_size rows
+        self.lanes = [
+            split_dataset_by_node(lane.shuffle(seed=seed + i, buffer_size=buffer), rank, world_size)
+            for i, lane in enumerate(lanes)
+        ]
+        self.transform, self.image_column, self.seed, self.rank = transform, image_column, seed, rank
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
         return self.per_rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start = epoch, 0
-        self.stream.set_epoch(epoch)
+        for lane in self.lanes:
+            lane.set_epoch(epoch)
 
     def resume_at(self, samples: int) -> None:
         """The next epoch iterated starts after `samples` samples (those trained on before a checkpoint)."""
+        assert samples % self.batch_size == 0, "a stream resumes at a batch boundary"
         self.start = samples
 
-    def _good_rows(self):
+    def _rows(self, lane: int):
+        """The lane's rows, read again when they run out: a readable row, or the name of an unreadable image."""
         while True:
-            produced = False
-            for row in self.stream:
-                item = row[self.image_column]
-                if not image_ok(item):
-                    if describe(item) not in self.skipped:
-                        self.skipped.append(describe(item))
-                    continue
-                produced = True
-                yield row
-            if not produced:
+            readable = False
+            # .iter, not a for loop over the dataset: inside a DataLoader worker that would split the lane's shards
+            # among the workers again (datasets' own rule), and the lanes already decide who reads what
+            for chunk in self.lanes[lane].iter(batch_size=CHUNK_ROWS):
+                for i, item in enumerate(chunk[self.image_column]):
+                    if image_ok(item):
+                        readable = True
+                        yield {k: v[i] for k, v in chunk.items()}
+                    else:
+                        yield describe(item)
+            if not readable:
                 raise ValueError("The streamed train split gave no readable image on this rank.")
 
     def __iter__(self):
-        if torch.utils.data.get_worker_info() is not None:
-            raise RuntimeError("StreamedSplit reads in the main process: use num_workers 0 with --streaming.")
-        rows = self._good_rows()
-        bad_before = len(self.skipped)
-        for position in range(self.per_rank):
-            row = next(rows)
-            if position < self.start:
-                continue  # already trained on before the checkpoint: read (the order depends on it), not used
-            row[self.image_column] = ImageFeature().decode_example(row[self.image_column])  # as datasets decodes
-            with torch.random.fork_rng(devices=[]):
-                key = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + position) * 1009 + self.rank
-                torch.default_generator.manual_seed(key % (2**63))
-                batch = self.transform({k: [v] for k, v in row.items()})
-            yield {k: v[0] for k, v in batch.items()}
-        self.start = 0
-        if len(self.skipped) > bad_before:
-            logger.info(
-                f"rank {self.rank}, epoch {self.epoch}: skipped {len(self.skipped) - bad_before} unreadable streamed "
-                f"image(s): {', '.join(self.skipped[bad_before:][:10])}",
-                main_process_only=False,
-            )
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        batches, count = math.ceil(self.per_rank / self.batch_size), len(self.lanes)
+        # the lanes this worker makes batches from; it reads every batch of those lanes to know where its own start
+        # (only its own, when the worker count divides the lanes)
+        rows = {b % count: self._rows(b % count) for b in range(worker, batches, workers)}
+        for b in range(batches):
+            if b % count not in rows:
+                continue
+            size = min(self.batch_size, self.per_rank - b * self.batch_size)
+            taken, bad = [], []
+            while len(taken) < size:
+                row = next(rows[b % count])
+                (bad if isinstance(row, str) else taken).append(row)
+            if b % workers != worker or b * self.batch_size < self.start:
+                continue  # another worker's batch, or trained on before the checkpoint: read (it decides the order)
+            positions = range(b * self.batch_size, b * self.batch_size + size)
+            yield [{UNREADABLE: name} for name in bad] + [self._item(r, p) for r, p in zip(taken, positions)]
+
+    def _item(self, row: dict, position: int) -> dict:
+        row[self.image_column] = ImageFeature().decode_example(row[self.image_column])  # as datasets decodes
+        with torch.random.fork_rng(devices=[]):
+            key = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + position) * 1009 + self.rank
+            torch.default_generator.manual_seed(key % (2**63))
+            batch = self.transform({k: [v] for k, v in row.items()})
+        return {k: v[0] for k, v in batch.items()}
+
+
+def lane_count(num_shards: int, world_size: int, batches: int) -> int:
+    """The most LANES that split the stream's shards evenly among ranks and lanes and each make LANE_BATCHES
+    batches an epoch; 1 when none does (then each rank reads as `split_dataset_by_node` decides, and every worker
+    reads all of its rank's shards, decoding only its own batches)."""
+    fits = (n for n in LANES if num_shards % (n * world_size) == 0 and n * LANE_BATCHES <= batches)
+    return next(fits, 1)
+
+
+def _local_stream(dataset: Dataset) -> IterableDataset:
+    # a power of two, so that ranks and lanes (LANES) split the shards evenly
+    return dataset.to_iterable_dataset(num_shards=min(64, 1 << max(0, len(dataset).bit_length() - 1)))
 
 
 def _materialize(stream: IterableDataset, rows: int | None) -> Dataset:

@@ -88,9 +88,8 @@ class WithMixSeed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict | None:
-        item = self.dataset[index]
-        return None if item is None else {**item, "mix_seed": draw_mix_seed()}
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "mix_seed": draw_mix_seed()}
 
     def __getattr__(self, name):
         if name == "dataset":

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from hftl.config import TrainArgs
+from hftl.image_check import SKIPPED, collate_readable
 from hftl.log import get_logger
 from hftl.outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR
 from hftl.strategies import Adapted, optimizer_groups, set_frozen_norms_eval, snapshot_state
@@ -48,6 +49,7 @@ class TrainState:
     # the current epoch's summed train loss and batch count so far: a resumed epoch records its true mean
     epoch_loss_sum: float = 0.0
     epoch_loss_batches: int = 0
+    skipped_images: list = field(default_factory=list)  # train images found unreadable as read (this rank)
 
 
 @dataclass
@@ -96,7 +98,10 @@ class SeededItems(torch.utils.data.Dataset):
         return [self[index] for index in indices]
 
 
-def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, num_workers: int | None) -> DataLoader:
+def make_loader(
+    dataset, collate_fn, batch_size: int | None, shuffle: bool, seed: int, num_workers: int | None, persistent=True
+) -> DataLoader:
+    """`batch_size` None: the dataset yields lists of items, each made into one batch by `collate_fn`."""
     generator = torch.Generator().manual_seed(seed)
     num_workers = default_num_workers() if num_workers is None else num_workers
     return DataLoader(
@@ -106,7 +111,7 @@ def make_loader(dataset, collate_fn, batch_size: int, shuffle: bool, seed: int, 
         collate_fn=collate_fn,
         generator=generator,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent and num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
     )
@@ -213,20 +218,27 @@ def train(
         logger.info("channels_last memory format: on")
         model = model.to(memory_format=torch.channels_last)
     eval_bs = args.eval_batch_size or 2 * args.batch_size
-    # a stream (hftl/streaming.py) shards, shuffles and seeds itself per rank; Accelerate must not shard it again
+    # a stream (hftl/streaming.py) shards, shuffles, batches and seeds itself per rank; Accelerate must not shard it
+    # again. Its workers are not persistent: a persistent worker keeps the copy of the stream it started with, so
+    # each epoch's workers start anew from the stream as set_epoch / resume_at left it here.
     streamed = isinstance(train_dataset, torch.utils.data.IterableDataset)
+    assert not streamed or train_dataset.batch_size == args.batch_size
     train_items = train_dataset if streamed else SeededItems(train_dataset, args.seed)
     train_loader = make_loader(
         train_items,
-        train_collate_fn or collate_fn,
-        args.batch_size,
+        collate_readable(train_collate_fn or collate_fn),
+        None if streamed else args.batch_size,
         not streamed,
         args.seed,
-        0 if streamed else args.num_workers,
+        args.num_workers,
+        persistent=not streamed,
     )
     eval_loader = make_loader(eval_dataset, collate_fn, eval_bs, False, args.seed, args.num_workers)
 
-    batches_per_epoch = len(train_loader) / (1 if streamed else max(1, accelerator.num_processes))
+    if streamed:
+        batches_per_epoch = math.ceil(len(train_dataset) / args.batch_size)
+    else:
+        batches_per_epoch = len(train_loader) / max(1, accelerator.num_processes)
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps or args.num_epochs * updates_per_epoch
     num_epochs = math.ceil(total_steps / max(1, updates_per_epoch))
@@ -291,7 +303,12 @@ def train(
         # the loss is summed on the device: reading it (.item()) makes the CPU wait for the GPU, so only at log steps
         running = torch.tensor(state.epoch_loss_sum, device=accelerator.device)
         counted = state.epoch_loss_batches
+        skipped = []  # this epoch's, on this rank
         for batch in loader:
+            if batch[SKIPPED]:
+                skipped += batch[SKIPPED]
+                state.skipped_images = sorted({*state.skipped_images, *batch[SKIPPED]})
+            del batch[SKIPPED]
             if streamed:
                 batch = send_to_device(batch, accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
@@ -330,6 +347,12 @@ def train(
                     )
                 if state.step >= total_steps:
                     break
+        if skipped:
+            logger.info(
+                f"rank {accelerator.process_index}, epoch {epoch + 1}: skipped {len(skipped)} unreadable train "
+                f"image(s): {', '.join(skipped[:10])}{' …' if len(skipped) > 10 else ''}",
+                main_process_only=False,
+            )
         state.epoch, state.batches_into_epoch = epoch + 1, 0
         state.epoch_loss_sum, state.epoch_loss_batches = 0.0, 0
         record = {"epoch": epoch + 1, "step": state.step, "train_loss": running.item() / max(counted, 1)}

@@ -11,9 +11,10 @@ from PIL import Image
 
 from hftl.config import DataArgs
 from hftl.data import few_shot, load_dataset_dict, standard_splits, subsample
-from hftl.image_check import check_images
+from hftl.image_check import SKIPPED, UNREADABLE, check_images, collate_readable
 from hftl.modeling import ensure_rgb
 from hftl.tasks.classification.task import ClassificationTask
+from hftl.trainer import SeededItems, make_loader
 
 
 def _images(n, size=8, seed=0):
@@ -200,6 +201,36 @@ def test_a_large_train_split_is_checked_as_it_is_read(tmp_path):
     task.image_column, task.label_column = "image", "label"
     processor = ViTImageProcessor(size={"height": 8, "width": 8})
     train = task.prepare(kept, processor, DataArgs(image_size=8))["train"]
-    batch = train.__getitems__([0, 1, 2])
-    assert len(batch) == 2 and [item["labels"] for item in batch] == [0, 0]
-    assert task.unreadable == [str(tmp_path / "broken.jpg")]
+    items = train.__getitems__([0, 1, 2])  # a row stays a row (one alone too): the bad one names its image
+    assert train[1] == {"pixel_values": None, "labels": 1, UNREADABLE: str(tmp_path / "broken.jpg")}
+    batch = collate_readable(task.collate)(items)
+    assert batch["labels"].tolist() == [0, 0] and batch[SKIPPED] == [str(tmp_path / "broken.jpg")]
+    # DataLoader workers: the name comes back with the batch, not on the workers' copies of the task
+    loader = make_loader(SeededItems(train, seed=0), collate_readable(task.collate), 2, False, 0, num_workers=2)
+    batches = list(loader)
+    assert [b["labels"].tolist() for b in batches] == [[0], [0]]
+    assert [b[SKIPPED] for b in batches] == [[str(tmp_path / "broken.jpg")], []]
+
+
+def test_a_run_names_a_train_image_found_unreadable_in_a_loader_worker(
+    tiny_vit_dir, colour_folder, tmp_path, monkeypatch, caplog
+):
+    """A train split checked as it is read (over the up-front limit; decoded every epoch) with two DataLoader
+    workers: the unreadable image is skipped in a worker and named at the end of the epoch and in the results."""
+    import shutil
+
+    import hftl.image_check
+    from hftl.runner import run
+    from tests.fixtures.data import classification_argv
+
+    monkeypatch.setattr(hftl.image_check, "UP_FRONT_MAX_ROWS", 0)
+    data = shutil.copytree(colour_folder, tmp_path / "data")
+    broken = data / "train" / "red" / "red_9.png"
+    broken.write_bytes(b"not a png")
+    extra = ["--num_epochs", "1", "--image_size", "32", "--num_workers", "2", "--decoded_cache_max_mb", "0"]
+    args = classification_argv(data, tiny_vit_dir, tmp_path / "out", *extra, "--validation_split", "test")
+    with caplog.at_level(logging.INFO, logger="hftl"):
+        results = run("classification", args)
+    assert results["skipped_images"] == {"train": [str(broken)]}
+    assert results["num_samples"]["train"] == 48 and np.isfinite(results["history"][0]["train_loss"])
+    assert f"epoch 1: skipped 1 unreadable train image(s): {broken}" in caplog.text

@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 from hftl.config import parse_config
 from hftl.fastpaths.decoded_images import crop_min_area, decode_images, normalize_uint8, stored_size
+from hftl.image_check import SKIPPED, collate_readable
 from hftl.tasks import get_task
 from hftl.trainer import SeededItems, make_loader
 from tests.fixtures.data import launch_two_ranks
@@ -208,11 +209,12 @@ def test_images_are_decoded_as_first_read_and_an_unreadable_one_is_skipped_and_n
     split = SeededItems(task.decoded_train_split(dataset, processor, config.data), seed=0)
     images = split.dataset.images
     assert not images.shapes.any()  # not one image decoded yet
-    loader = make_loader(split, task.collate, 4, False, 0, 0)
-    first = [batch["pixel_values"] for batch in loader]
-    assert [len(b) for b in first] == [4, 1]  # row 4 dropped from the second batch
+    loader = make_loader(split, collate_readable(task.collate), 4, False, 0, 0)
+    batches = list(loader)
+    first = [batch["pixel_values"] for batch in batches]
+    assert [len(b) for b in first] == [4, 1]  # row 4 dropped from the second batch, and named with it
+    assert [batch[SKIPPED] for batch in batches] == [[], ["broken.png"]]
     assert images.shapes[4].tolist() == [-1, -1] and (images.shapes[[0, 1, 2, 3, 5], 0] == 40).all()
-    assert split.dataset.skipped == ["broken.png"]
     assert np.shares_memory(images[0].numpy(), images.buffer)  # later reads view the filled buffer
     replay = [batch["pixel_values"] for batch in loader]  # epoch 0 again, now from the buffer
     assert all(torch.equal(a, b) for a, b in zip(first, replay))

@@ -28,7 +28,7 @@ import torch
 from datasets import Image as ImageFeature
 from PIL import ExifTags, Image, ImageOps
 
-from hftl.image_check import describe
+from hftl.image_check import UNREADABLE, describe
 from hftl.log import get_logger
 from hftl.modeling import ensure_rgb
 from hftl.system import cores_per_local_process
@@ -105,12 +105,6 @@ class DecodedImages:
             self._writer[start : start + pixels.size] = pixels.reshape(-1)
             self.shapes[index] = pixels.shape[1:]  # last: the row is complete
         return pixels
-
-    @property
-    def skipped(self) -> list[str]:
-        """Names of the images found unreadable so far, by any local rank or worker."""
-        bad = np.flatnonzero(self.shapes[:, 0] < 0)
-        return [describe(self.raw[int(i)][self.image_column]) for i in bad]
 
     @property
     def megabytes(self) -> float:
@@ -205,19 +199,15 @@ class AugmentedDecodedSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict:
         image = self.images[index]
-        if image is None:  # unreadable: the collate function drops it (named in `skipped`)
-            return None
+        if image is None:  # unreadable: an item naming it, which collate_readable drops and reports
+            return {UNREADABLE: describe(self.images.raw[index][self.images.image_column])}
         pixels = self.transform(image)
         return {"pixel_values": pixels, "labels": int(self.labels[index]), "pixel_steps": self.pixel_steps}
 
     def prefetch(self, indices) -> None:
         self.images.fill(indices)
-
-    @property
-    def skipped(self) -> list[str]:
-        return self.images.skipped
 
 
 def normalize_uint8(pixels: torch.Tensor, mean, std) -> torch.Tensor:

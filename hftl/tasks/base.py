@@ -91,11 +91,6 @@ class Task:
         ordinary path. Default: None."""
         return None
 
-    def unreadable_train_images(self) -> list[str]:
-        """Train images this process skipped as it read them (a train split too large to check up front,
-        hftl/image_check.py). Default: none."""
-        return []
-
     @staticmethod
     def collate(examples: list[dict]) -> dict:
         """A batch dict (tensors, or lists for detection targets)."""

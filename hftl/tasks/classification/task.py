@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, Image, Value
 
 from hftl.data import IMAGE_COLUMN_NAMES
-from hftl.image_check import decode_readable
+from hftl.image_check import UNREADABLE, decode_or_none, describe
 from hftl.modeling import (
     ensure_rgb,
     load_model_and_processor,
@@ -58,7 +58,6 @@ class ClassificationTask(Task):
         self.label_smoothing = config.train.label_smoothing if config is not None else 0.0
         self.image_column = None
         self.label_column = None
-        self.unreadable: list[str] = []  # train images skipped as they were read (this process)
 
     # ---- data -------------------------------------------------------------------------------------------------
     def load_local(self, path: str, data_args) -> DatasetDict:
@@ -205,16 +204,23 @@ class ClassificationTask(Task):
 
         def train_batch(batch):
             # train images are decoded here, so one that cannot be read is skipped (a large train split is not
-            # checked before training: hftl/image_check.py)
-            images, labels = decode_readable(batch[image_col], batch[label_col], self.unreadable)
-            images = [ensure_rgb(im) for im in images]
+            # checked before training: hftl/image_check.py); its row stays, naming the image (UNREADABLE), so a
+            # single row is still a row and the name travels with the data to the training loop
+            images = [decode_or_none(item) for item in batch[image_col]]
+            good = [i for i, image in enumerate(images) if image is not None]
+            readable = [ensure_rgb(images[i]) for i in good]
             if data_args.augment:
-                pixels = [augmented(im) for im in images]
+                pixels = [augmented(im) for im in readable]
             else:
-                pixels = list(processor(images, return_tensors="pt")["pixel_values"]) if images else []
-            out = {"pixel_values": pixels, "labels": labels}
+                pixels = list(processor(readable, return_tensors="pt")["pixel_values"]) if readable else []
+            out = {"pixel_values": [None] * len(images), "labels": list(batch[label_col])}
+            for i, value in zip(good, pixels):
+                out["pixel_values"][i] = value
             if mixing:
-                out["mix_seed"] = [draw_mix_seed() for _ in images]
+                out["mix_seed"] = [draw_mix_seed() if image is not None else None for image in images]
+            if len(good) < len(images):
+                names = [describe(item) for item in batch[image_col]]
+                out[UNREADABLE] = [None if image is not None else name for image, name in zip(images, names)]
             return out
 
         def eval_batch(batch):
@@ -248,9 +254,6 @@ class ClassificationTask(Task):
         split = AugmentedDecodedSplit(images, labels, augment, steps)
         return WithMixSeed(split) if mixes(data_args) else split
 
-    def unreadable_train_images(self) -> list[str]:
-        return list(self.unreadable)
-
     @staticmethod
     def deterministic_splits(data_args) -> list[str]:
         """Splits whose preprocessing has no randomness: the runner caches their tensors after the first pass."""
@@ -259,7 +262,6 @@ class ClassificationTask(Task):
 
     @staticmethod
     def collate(examples: list[dict]) -> dict:
-        examples = [e for e in examples if e is not None]  # unreadable images found as read (decoded_train_split)
         batch = {
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
@@ -273,7 +275,7 @@ class ClassificationTask(Task):
         mixer = batch_mixer(data_args, num_classes)
         if mixer is None:
             return self.collate
-        return lambda examples: mixer(self.collate(examples), next(e for e in examples if e is not None)["mix_seed"])
+        return lambda examples: mixer(self.collate(examples), examples[0]["mix_seed"])
 
     def forward(self, model, batch):
         pixels = batch["pixel_values"]
