@@ -14,12 +14,15 @@ stream, held out of training.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
+import pickle
 
 import datasets
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset
 from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 
@@ -68,11 +71,12 @@ def load_streams(data_args, seed: int):
         held_out = limit or HELD_OUT_ROWS
         if rows.get(split):
             held_out = min(held_out, math.ceil(data_args.validation_fraction * rows[split]))
-        fixed["validation"] = _materialize(train, held_out)
-        if local is not None:  # exact: skip() on a sharded stream skips its share of the rows in every shard
+        # exact either way: skip(n) on a sharded stream skips n / shards rows of every shard, not the first n
+        if local is not None:
+            fixed["validation"] = local[split].select(range(held_out))
             train = _local_stream(local[split].select(range(held_out, len(local[split]))))
         else:
-            train = train.skip(held_out)
+            fixed["validation"], train = hold_out(train, held_out)
         logger.info(f"No validation split: the first {held_out} streamed rows are held out for validation.")
     fixed.setdefault("test", fixed["validation"])
     epoch_rows = data_args.max_train_samples or (rows.get(split) and rows[split] - held_out)
@@ -185,6 +189,28 @@ def lane_count(num_shards: int, world_size: int, batches: int) -> int:
     reads all of its rank's shards, decoding only its own batches)."""
     fits = (n for n in LANES if num_shards % (n * world_size) == 0 and n * LANE_BATCHES <= batches)
     return next(fits, 1)
+
+
+def hold_out(stream: IterableDataset, rows: int) -> tuple[Dataset, IterableDataset]:
+    """(the first `rows` rows of the stream, the stream without them). Rows are told apart by a digest of their
+    stored content (image bytes or path, every other column), so the split holds however the stream is later
+    sharded across ranks, lanes and workers; a row identical to a held-out one is left out of training too."""
+    images = [k for k, v in stream.features.items() if isinstance(v, ImageFeature)]
+    raw = stream.cast(
+        Features({k: ImageFeature(decode=False) if k in images else v for k, v in stream.features.items()})
+    )
+    held = _materialize(raw, rows)  # the stored bytes, not re-encoded images
+    digests = frozenset(_digest(row) for row in held)
+    train = raw.filter(functools.partial(_not_in, digests)).cast(stream.features)
+    return held.cast(stream.features), train
+
+
+def _digest(row: dict) -> bytes:
+    return hashlib.blake2b(pickle.dumps(row, protocol=5), digest_size=16).digest()
+
+
+def _not_in(digests: frozenset, row: dict) -> bool:
+    return _digest(row) not in digests
 
 
 def _local_stream(dataset: Dataset) -> IterableDataset:

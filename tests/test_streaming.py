@@ -12,11 +12,12 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
+from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from safetensors.torch import load_file
 
 from hftl.image_check import SKIPPED, UNREADABLE, collate_readable
-from hftl.streaming import StreamedSplit, lane_count
+from hftl.streaming import StreamedSplit, hold_out, lane_count
 from hftl.trainer import make_loader
 from tests.fixtures.data import launch_two_ranks
 
@@ -61,6 +62,18 @@ def test_two_ranks_read_disjoint_rows_covering_every_row_once_an_epoch(rows, num
         assert sorted(seen[0] + seen[1]) == list(range(rows))
         orders.append(seen)
     assert orders[0] != orders[1]  # the shuffle buffer is reseeded each epoch
+
+
+def test_rows_held_out_of_a_sharded_stream_are_the_first_rows_and_never_trained_on():
+    # skip(n) on a 4-shard stream read by two ranks skips n / 4 rows of every shard: rows 6-7 would reach training
+    stream = _stream_rows(32).to_iterable_dataset(num_shards=4)
+    held, train = hold_out(stream, 8)
+    assert held["id"] == list(range(8)) and held[3]["image"].getpixel((0, 0)) == (3, 0, 0)
+    ranks = [StreamedSplit(train, _ids, "image", 24, 0, 8, 4, rank=r, world_size=2) for r in (0, 1)]
+    read = [item["id"] for split in ranks for item in _items(split)]  # shard 0 is all held out: uneven supplies
+    assert len(read) == 24 and set(read) <= set(range(8, 32))
+    skipped = [split_dataset_by_node(stream.skip(8), r, 2) for r in (0, 1)]
+    assert set(range(8)) & {row["id"] for rank in skipped for row in rank}  # what the old code trained on
 
 
 def test_resume_skips_exactly_the_samples_already_read():
