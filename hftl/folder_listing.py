@@ -31,7 +31,6 @@ _EXTENSIONS = {
     for n in sorted({len(e) for e in IMAGE_EXTENSIONS})
 }
 _HIGH_BITS = np.uint64(int.from_bytes(b"\x80" * max(_EXTENSIONS), "big"))  # a non-ASCII byte in the last ones
-_ASCII_LOWER = np.array([ord(chr(b).lower()) if b < 128 else b for b in range(256)], np.uint8)
 _METADATA = pa.array([name.encode() for name in ImageFolder.METADATA_FILENAMES], pa.binary())
 # a split keyword as a whole word of a file name: words end at "-._", white space (str.split's) or the extension's dot
 _SEPARATORS = r"-._\s\x0b\x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
@@ -54,7 +53,7 @@ def scan(root) -> tuple[dict[str, Runs], dict[str, int]] | None:
         if found is None:
             return None
         listed.update(found)
-        depth = [os.path.join(folder, sub) for folder in depth for sub in listed[folder][1]]
+        depth = [os.path.join(folder, "") + sub for folder in depth for sub in listed[folder][1]]
 
     runs: list[tuple[str | None, str, pa.StringArray]] = []  # (the root's entry it lies under, folder, names)
 
@@ -65,7 +64,7 @@ def scan(root) -> tuple[dict[str, Runs], dict[str, int]] | None:
             end = pc.sum(pc.less(names, sub + os.sep)).as_py() or 0 if len(names) else 0
             runs.append((top, folder, names[done:end]))
             done = end
-            in_path_order(os.path.join(folder, sub), sub if top is None else top)
+            in_path_order(os.path.join(folder, "") + sub, sub if top is None else top)
         runs.append((top, folder, names[done:]))
 
     in_path_order(str(root), None)
@@ -95,17 +94,23 @@ def to_tables(splits: dict[str, Runs]) -> dict[str, pa.Table]:
     tables = {}
     for split, split_runs in splits.items():
         counts = [len(names) for _, names in split_runs]
-        run = np.repeat(np.arange(len(split_runs)), counts)
-        # each file's folder taken from the list of folders and put before its name: one kernel each for all files
-        folders = pa.array([os.path.join(folder, "") for folder, _ in split_runs], pa.string()).take(run)
-        names = _concat(split_runs) if split_runs else pa.array([], pa.string())
-        paths = pc.binary_join_element_wise(folders, names, "")
+        paths = _paths(split_runs, counts)
         columns = [pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), paths], names=["bytes", "path"])]
         if with_labels:
             label = np.array([index[os.path.basename(folder)] for folder, _ in split_runs], np.int64)
             columns.append(pa.array(np.repeat(label, counts)))
         tables[split] = pa.Table.from_arrays(columns, schema=features.arrow_schema)
     return tables
+
+
+def _paths(runs: Runs, counts: list[int]) -> pa.StringArray:
+    if not runs:
+        return pa.array([], pa.string())
+    prefixes = [os.path.join(folder, "") for folder, _ in runs]
+    if sum(counts) >= 256 * len(runs):  # a folder's path put before all its names: ~5x faster per file, 20 us a call
+        return pa.concat_arrays([pc.binary_replace_slice(names, 0, 0, p) for p, (_, names) in zip(prefixes, runs)])
+    each = pa.array(prefixes, pa.string()).take(np.repeat(np.arange(len(runs)), counts))
+    return pc.binary_join_element_wise(each, _concat(runs), "")
 
 
 def _list_folders(batch: list[str], folders: dict[str, int]) -> dict[str, tuple[pa.StringArray, list[str]]] | None:
@@ -127,7 +132,8 @@ def _list_folders(batch: list[str], folders: dict[str, int]) -> dict[str, tuple[
     names = pa.array(list(itertools.chain.from_iterable(lists)), pa.binary())
     of = np.repeat(np.arange(len(batch)), [len(names) for names in lists])  # each name's folder
     is_image = _is_image(names)
-    others = np.bincount(of[~is_image], minlength=len(batch))
+    other_rows = np.flatnonzero(~is_image)  # few: what else is in the folders
+    others = np.bincount(of[other_rows], minlength=len(batch))
     to_stat = np.zeros(len(batch), bool)
     for i in [i for i, subs in enumerate(subfolders) if subs is None]:
         if others[i] > _FEW:
@@ -135,21 +141,21 @@ def _list_folders(batch: list[str], folders: dict[str, int]) -> dict[str, tuple[
                 subfolders[i] = [entry.name for entry in entries if entry.is_dir()]
         else:
             subfolders[i], to_stat[i] = [], True
-    for row in np.flatnonzero(~is_image & to_stat[of]):
+    for row in other_rows[to_stat[of[other_rows]]]:
         name = os.fsdecode(names[int(row)].as_py())
         if os.path.isdir(os.path.join(batch[of[row]], name)):
             subfolders[of[row]].append(name)
-    other_rows = np.flatnonzero(~is_image)
     metadata = pc.is_in(names.take(other_rows), value_set=_METADATA).to_numpy(zero_copy_only=False)
     for row in other_rows[metadata]:
         if names[int(row)].as_py().decode() not in subfolders[of[row]]:
             return None
-    images, of = names.filter(is_image), of[is_image]
+    rows = np.flatnonzero(is_image)
+    of = of[rows]
     try:
-        images = images.cast(pa.string()).take(_sort_order(images, of))
+        images = names.take(rows[_sort_order(names, rows, of)]).cast(pa.string())
     except pa.ArrowInvalid:
-        row, bad = next((row, name) for row, name in enumerate(images.to_pylist()) if not _is_utf8(name))
-        raise ValueError(f"Image file name {bad!r} in {batch[of[row]]} is not UTF-8: rename it (convmv).") from None
+        i, bad = next((i, name) for i, name in enumerate(names.take(rows).to_pylist()) if not _is_utf8(name))
+        raise ValueError(f"Image file name {bad!r} in {batch[of[i]]} is not UTF-8: rename it (convmv).") from None
     ends = np.cumsum(np.bincount(of, minlength=len(batch))).tolist()
     return {
         folder: (images[start:end], [name for name in subs if not name.startswith(".")])
@@ -168,7 +174,7 @@ def _is_utf8(name: bytes) -> bool:
 def _is_image(names: pa.BinaryArray) -> np.ndarray:
     """Whether each name ends in one of datasets' image extensions, in any case (the rule: the name from its last dot,
     lower-cased, is one), from the last bytes of all names at once; names with non-ASCII bytes there by str.lower()."""
-    key = _ASCII_LOWER[_eight_bytes(names, -8)].view(">u8")[:, 0].astype(np.uint64)
+    key = _ascii_lower(_word(names, -8))
     is_image = np.zeros(len(names), bool)
     for length, extensions in _EXTENSIONS.items():
         is_image |= np.isin(key & np.uint64(256**length - 1), extensions)
@@ -178,36 +184,46 @@ def _is_image(names: pa.BinaryArray) -> np.ndarray:
     return is_image
 
 
-def _sort_order(names: pa.BinaryArray, of: np.ndarray) -> np.ndarray:
-    """The order of the names by folder (`of`, ascending), then by their bytes (= code points: what sorted() gives),
+def _ascii_lower(key: np.ndarray) -> np.ndarray:
+    """Each byte of the integers lower-cased where it is an ASCII capital, 8 bytes an operation: a bit 7 set in each
+    byte by adding "at least A" and "above Z" thresholds to its low 7 bits (no carry crosses bytes), 0x20 or-ed in."""
+    ones, high = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
+    low7 = key & ~high
+    upper = (low7 + ones * np.uint64(0x80 - ord("A"))) & ~(low7 + ones * np.uint64(0x80 - ord("Z") - 1)) & ~key & high
+    return key | (upper >> np.uint64(2))
+
+
+def _sort_order(names: pa.BinaryArray, rows: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """The order of names[rows] by folder (`of`, ascending), then by their bytes (= code points: what sorted() gives),
     at numpy's speed: one argsort of (folder, 7 bytes of each name from where its folder's names start to differ),
     then a sort by all bytes of the few names that tie there."""
-    if len(names) < 2:
-        return np.arange(len(names))
+    if len(rows) < 2:
+        return np.arange(len(rows))
     starts = np.flatnonzero(np.diff(of, prepend=-1))  # a folder's names are contiguous
     folder = np.repeat(np.arange(len(starts)), np.diff(starts, append=len(of)))
-    word = _word(names, 0)
-    shared = _shared_prefix(names, word, starts, folder)
+    word = _word(names, 0)[rows]
+    shared = _shared_prefix(lambda at: _word(names, at)[rows], word, starts, folder)
     for skip in np.unique(shared[shared > 0]):
-        rows = np.flatnonzero(shared[folder] == skip)
-        word[rows] = _word(names.take(rows), int(skip))
+        some = np.flatnonzero(shared[folder] == skip)
+        word[some] = _word(names.take(rows[some]), int(skip))
     bits = int(of.max()).bit_length()
     key = word if not bits else (of.astype(np.uint64) << np.uint64(64 - bits)) | (word >> np.uint64(bits))
     order = np.argsort(key)
-    tied = key[order][1:] == key[order][:-1]
+    tied = np.diff(key[order]) == 0
     if tied.any():
-        rows = np.zeros(len(order), bool)
-        rows[1:] |= tied
-        rows[:-1] |= tied
-        group = order[rows]
-        tie = names.take(group)
+        some = np.zeros(len(order), bool)
+        some[1:] |= tied
+        some[:-1] |= tied
+        group = order[some]
+        tie = names.take(rows[group])
         words = [_word(tie, at) for at in reversed(range(0, pc.max(pc.binary_length(tie)).as_py(), 8))]
-        order[rows] = group[np.lexsort([*words, of[group]])]
+        order[some] = group[np.lexsort([*words, of[group]])]
     return order
 
 
-def _shared_prefix(names: pa.BinaryArray, word: np.ndarray, starts: np.ndarray, folder: np.ndarray) -> np.ndarray:
-    """For each folder, how many first bytes all its names share (`word`: the names' first 8 bytes)."""
+def _shared_prefix(word_at, word: np.ndarray, starts: np.ndarray, folder: np.ndarray) -> np.ndarray:
+    """For each folder, how many first bytes all its names share (`word`: the names' first 8 bytes, `word_at(i)`:
+    their bytes i..i+7)."""
     shared = np.zeros(len(starts), np.int64)
     pending = np.diff(starts, append=len(folder)) > 1
     at = 0
@@ -218,13 +234,13 @@ def _shared_prefix(names: pa.BinaryArray, word: np.ndarray, starts: np.ndarray, 
         pending &= different == 0
         at += 8
         if pending.any():
-            word = _word(names, at)
+            word = word_at(at)
     return shared
 
 
 def _word(names: pa.BinaryArray, start: int) -> np.ndarray:
-    """Bytes start..start+7 of each name as one big-endian integer, zeros past its end."""
-    return _eight_bytes(names, start).view(">u8")[:, 0]
+    """Bytes start..start+7 of each name (start -8: its last 8) as one big-endian integer, zeros outside the name."""
+    return _eight_bytes(names, start).view(">u8")[:, 0].astype(np.uint64)
 
 
 def _eight_bytes(names: pa.BinaryArray, start: int) -> np.ndarray:
@@ -232,6 +248,8 @@ def _eight_bytes(names: pa.BinaryArray, start: int) -> np.ndarray:
     slices every name and pads it to 8 bytes, so the result's bytes are the matrix."""
     if start < 0:
         padded = pc.binary_slice(pc.binary_replace_slice(names, 0, 0, bytes(8)), start, start + 8 or None)
+    elif start == 0:
+        padded = pc.binary_slice(pc.binary_replace_slice(names, 1 << 30, 1 << 30, bytes(8)), 0, 8)
     else:
         sliced = pc.binary_slice(names, start, start + 8)
         padded = pc.binary_slice(pc.binary_replace_slice(sliced, 8, 8, bytes(8)), 0, 8)
