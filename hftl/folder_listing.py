@@ -53,18 +53,18 @@ def scan(root) -> tuple[dict[str, Runs], dict[str, int]] | None:
         if found is None:
             return None
         listed.update(found)
-        depth = [os.path.join(folder, "") + sub for folder in depth for sub in listed[folder][1]]
+        depth = [prefix + sub for folder in depth if (prefix := os.path.join(folder, "")) for sub in listed[folder][1]]
 
     runs: list[tuple[str | None, str, pa.StringArray]] = []  # (the root's entry it lies under, folder, names)
 
     def in_path_order(folder: str, top: str | None) -> None:
         names, subfolders = listed[folder]
-        done = 0
+        done, prefix = 0, os.path.join(folder, "")
         for sub in sorted(subfolders, key=lambda name: name + os.sep):  # a folder's paths sort as its name + "/"
             end = pc.sum(pc.less(names, sub + os.sep)).as_py() or 0 if len(names) else 0
             runs.append((top, folder, names[done:end]))
             done = end
-            in_path_order(os.path.join(folder, "") + sub, sub if top is None else top)
+            in_path_order(prefix + sub, sub if top is None else top)
         runs.append((top, folder, names[done:]))
 
     in_path_order(str(root), None)
@@ -91,6 +91,7 @@ def to_tables(splits: dict[str, Runs]) -> dict[str, pa.Table]:
     with_labels = len(labels) > 1 and len(depths) == 1
     features = Features({"image": ImageFeature(), **({"label": ClassLabel(names=labels)} if with_labels else {})})
     index = {name: i for i, name in enumerate(labels)}
+    schema = features.arrow_schema
     tables = {}
     for split, split_runs in splits.items():
         counts = [len(names) for _, names in split_runs]
@@ -99,7 +100,7 @@ def to_tables(splits: dict[str, Runs]) -> dict[str, pa.Table]:
         if with_labels:
             label = np.array([index[os.path.basename(folder)] for folder, _ in split_runs], np.int64)
             columns.append(pa.array(np.repeat(label, counts)))
-        tables[split] = pa.Table.from_arrays(columns, schema=features.arrow_schema)
+        tables[split] = pa.Table.from_arrays(columns, schema=schema)
     return tables
 
 
@@ -204,8 +205,11 @@ def _sort_order(names: pa.BinaryArray, rows: np.ndarray, of: np.ndarray) -> np.n
     word = _word(names, 0)[rows]
     shared = _shared_prefix(lambda at: _word(names, at)[rows], word, starts, folder)
     for skip in np.unique(shared[shared > 0]):
-        some = np.flatnonzero(shared[folder] == skip)
-        word[some] = _word(names.take(rows[some]), int(skip))
+        if (shared == skip).all():
+            word = _word(names, int(skip))[rows]
+        else:
+            some = np.flatnonzero(shared[folder] == skip)
+            word[some] = _word(names.take(rows[some]), int(skip))
     bits = int(of.max()).bit_length()
     key = word if not bits else (of.astype(np.uint64) << np.uint64(64 - bits)) | (word >> np.uint64(bits))
     order = np.argsort(key)
