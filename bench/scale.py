@@ -2,6 +2,7 @@
 
     python bench/scale.py                                   # parquet 1k/10k/100k/1.28M rows, folders 1k/10k/50k
     python bench/scale.py --rows 1000 10000 --folder_rows 1000   # a quick look
+    python bench/scale.py --rows --folder_rows --repeats 15      # the folder listing alone, next to a bare walk
 
 Parquet rows are Fashion-MNIST's 60k training images (Debian's dataset-fashion-mnist) as PNG bytes, repeated with a
 row id up to the row count, in the Hub's layout (data/train-*.parquet, validation and test 1000 rows each):
@@ -88,6 +89,21 @@ def write_folder(folder: Path, rows: int, pngs, labels) -> None:
         for i in range(count):
             source = (i + (0 if split == "train" else 7919)) % len(pngs)
             (folder / split / CLASSES[labels[source]] / f"{i}.png").write_bytes(pngs[source])
+
+
+# the folder-listing case's other trees: empty files (a listing never opens one), (files per folder, folder, file name)
+SCAN_SHAPES = {
+    "imagenet": (1281, lambda c: f"n{1440764 + 9973 * c:08d}", lambda c, i: f"n{1440764 + 9973 * c:08d}_{i}.JPEG"),
+    "small": (100, lambda c: f"class{c:04d}", lambda c, i: f"img_{c}_{i}.jpg"),  # many small folders
+}
+
+
+def write_empty_tree(folder: Path, rows: int, shape: str) -> None:
+    per_folder, folder_name, file_name = SCAN_SHAPES[shape]
+    for c in range(-(-rows // per_folder)):
+        (folder / "train" / folder_name(c)).mkdir(parents=True)
+        for i in range(c * per_folder, min(rows, (c + 1) * per_folder)):
+            (folder / "train" / folder_name(c) / file_name(c, i)).touch()
 
 
 def scandir_seconds(folder: Path) -> float:
@@ -189,6 +205,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[1000, 10_000, 100_000, 1_280_000])
     parser.add_argument("--folder_rows", type=int, nargs="*", default=[1000, 10_000, 50_000])
     parser.add_argument("--scan_rows", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--scan_shapes", nargs="*", default=["classes", *SCAN_SHAPES],
+                        help="the folder-listing trees: classes (10 folders of numbered PNGs, as the folder rows), "
+                             "imagenet (ImageNet's names, 1281 a folder), small (100 files a folder)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the folder-scan timing")
     parser.add_argument("--keep", action="store_true", help="keep (and reuse) the generated data")
     parser.add_argument("--child"), parser.add_argument("--data"), parser.add_argument("--model")
@@ -204,18 +223,22 @@ def main() -> None:
     floor = measure("floor", ROOT, model, env)
     print("floor", floor, flush=True)
     cases = [("parquet", n) for n in args.rows] + [("folder", n) for n in args.folder_rows]
-    cases += [("scan", n) for n in args.scan_rows]
+    cases += [(f"scan-{shape}", n) for n in args.scan_rows for shape in args.scan_shapes]
     try:
         for layout, n in cases:
-            data = ROOT / f"{'parquet' if layout == 'parquet' else 'folder'}-{n}"
+            shape = layout.removeprefix("scan-") if layout.removeprefix("scan-") in SCAN_SHAPES else None
+            data = ROOT / f"{layout if shape else 'parquet' if layout == 'parquet' else 'folder'}-{n}"
             start = time.perf_counter()
             if not (args.keep and data.exists()):
                 shutil.rmtree(data, ignore_errors=True)
-                (write_parquet if layout == "parquet" else write_folder)(data, n, pngs, labels)
+                if shape:
+                    write_empty_tree(data, n, shape)
+                else:
+                    (write_parquet if layout == "parquet" else write_folder)(data, n, pngs, labels)
                 os.sync()  # the new files' write-back would otherwise run during the timings (1.3x -> 1.7x the walk)
             written = time.perf_counter() - start
             row = {"layout": layout, "rows": n, "write_s": round(written, 1)}
-            if layout == "scan":
+            if layout.startswith("scan"):
                 row.update(scan_ratio(data, args.repeats))
                 print(row, flush=True)
                 rows_out.append(row)
@@ -277,14 +300,15 @@ def print_table(floor: dict, rows: list[dict]) -> None:
 
     print(f"floor (imports + model, no data): {cell(floor)}")
     for r in rows:
-        if r["layout"] == "scan":
-            print(f"folder listing at {r['rows']:,} files: whole cold listing {r['listing_x']:.2f}x a bare os.scandir "
-                  f"walk ({r['listing_s']:.3f} vs {r['walk_s']:.3f} s), hftl's scan alone {r['scan_x']:.2f}x "
+        if r["layout"].startswith("scan"):
+            print(f"folder listing ({r['layout'][5:]}) at {r['rows']:,} files: whole cold listing "
+                  f"{r['listing_x']:.2f}x a bare os.scandir walk ({r['listing_s']:.3f} vs {r['walk_s']:.3f} s), "
+                  f"hftl's scan alone {r['scan_x']:.2f}x "
                   f"({r['scan_s']:.3f} s); for reference, a walk keeping the paths {r['paths_walk_x']:.2f}x "
                   f"({r['paths_walk_s']:.3f} s)")  # fmt: skip
     print("| data | rows | hftl cold | hftl warm | plain cold | plain warm | os.scandir walk |")
     print("|---|---|---|---|---|---|---|")
-    for r in (r for r in rows if r["layout"] != "scan"):
+    for r in (r for r in rows if not r["layout"].startswith("scan")):
         walk = f"{r['scandir_s']:.2f} s" if "scandir_s" in r else ""
         print(f"| {r['layout']} | {r['rows']:,} | {cell(r['hftl_cold'])} | {cell(r['hftl_warm'])} | "
               f"{cell(r['plain_cold'])} | {cell(r['plain_warm'])} | {walk} |")  # fmt: skip

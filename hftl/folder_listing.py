@@ -44,7 +44,7 @@ Runs = list[tuple[str, pa.StringArray]]  # (folder, the names of its image files
 def scan(root) -> tuple[dict[str, Runs], dict[str, int]] | None:
     """({split: runs}, {folder: mtime_ns}), or None when datasets' builder must decide (metadata files, or split
     keywords only in file names). Splits are folders under the root named as datasets' split keywords, else all is
-    "train"; folders and files starting with "." are read as datasets reads them (hidden folders skipped)."""
+    "train"; folders whose name starts with "." are skipped (files are not), symlinked folders followed."""
     folders: dict[str, int] = {}
     listed: dict[str, tuple[pa.StringArray, list[str]]] = {}  # folder: (its image names, sorted; its sub-folders)
     depth = [str(root)]
@@ -122,7 +122,8 @@ def _list_folders(batch: list[str], folders: dict[str, int]) -> dict[str, tuple[
         folders[folder] = stat.st_mtime_ns
         if stat.st_nlink == 2:
             # a folder's link count is 2 + its sub-folders where the file system keeps it (ext4, xfs, tmpfs): here
-            # none, so one C-built list of names; only names that are not images can be folders (symlinks to one)
+            # none, so one C-built list of names; only names that are not images can be folders (symlinks to one;
+            # the one thing read otherwise than by scandir: a symlink named like an image that points at a folder)
             lists.append(os.listdir(os.fsencode(folder)))
             subfolders.append(None)
         else:  # sub-folders, or a file system that does not count them (btrfs: 1): the entries' types from scandir

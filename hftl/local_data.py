@@ -3,7 +3,7 @@ listed fast and remembered between launches.
 
 `datasets`' imagefolder builder resolves its file list through fsspec pattern matching, ~0.5 ms per file, repeated on
 every launch even when its cache is warm: 11 s at 20k images, over 10 minutes at ImageNet's 1.28M. Here the tree is
-walked once with `os.scandir` (what reading the file list costs and no more), with the same rules (split folders,
+read once (`hftl.folder_listing`: little more than what walking it costs), with the same rules (split folders,
 one sub-folder per class, datasets' image extensions), and the list is kept as an Arrow file next to datasets' cache.
 The next launch reuses it when no folder's modification time changed (adding, removing or renaming a file changes
 its folder's), which costs one `stat` per folder. Folders with metadata files (`metadata.csv`, …) or split keywords
