@@ -232,7 +232,7 @@ def _shared_prefix(word_at, word: np.ndarray, starts: np.ndarray, folder: np.nda
     shared = np.zeros(len(starts), np.int64)
     pending = np.diff(starts, append=len(folder)) > 1
     at = 0
-    while pending.any():
+    while pending.any() and at < 4096:  # names are unique in a folder and at most 255 bytes: they differ before
         different = np.bitwise_or.reduceat(word ^ word[starts][folder], starts)
         leading = np.where(different == 0, 8, (different.astype(">u8").view(np.uint8).reshape(-1, 8) != 0).argmax(1))
         shared[pending] += leading[pending]
@@ -251,6 +251,8 @@ def _word(names: pa.BinaryArray, start: int) -> np.ndarray:
 def _eight_bytes(names: pa.BinaryArray, start: int) -> np.ndarray:
     """Bytes start..start+7 of each name (start -8: its last 8) as the rows of a matrix, zeros outside the name: Arrow
     slices every name and pads it to 8 bytes, so the result's bytes are the matrix."""
+    if not len(names):
+        return np.zeros((0, 8), np.uint8)
     if start < 0:
         padded = pc.binary_slice(pc.binary_replace_slice(names, 0, 0, bytes(8)), start, start + 8 or None)
     elif start == 0:
