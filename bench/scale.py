@@ -2,6 +2,7 @@
 
     python bench/scale.py                                   # parquet 1k/10k/100k/1.28M rows, folders 1k/10k/50k
     python bench/scale.py --rows 1000 10000 --folder_rows 1000   # a quick look
+    python bench/scale.py --rows --folder_rows --repeats 15      # the folder listing alone, next to a bare walk
 
 Parquet rows are Fashion-MNIST's 60k training images (Debian's dataset-fashion-mnist) as PNG bytes, repeated with a
 row id up to the row count, in the Hub's layout (data/train-*.parquet, validation and test 1000 rows each):
@@ -10,8 +11,8 @@ process from `python` to the first optimizer step's backward pass (a ViT with hi
 "cold" on the first launch (empty datasets cache / no folder listing) and "warm" on the second. Peak RSS is the
 process's at that point; "anon" and "file" split the RSS at that point into private memory and mapped file pages
 (datasets' memory-mapped Arrow files: clean page cache, shared between processes). "floor" is the same process
-with no data: imports and the model only. With --scan_rows, the folder listing alone (hftl's os.scandir walk, and
-the whole cold listing with its Arrow file) is timed next to a bare os.scandir walk of the same tree, interleaved.
+with no data: imports and the model only. With --scan_rows, the folder listing alone (hftl's scan, and the whole
+cold listing with its Arrow file) is timed next to a bare os.scandir walk of the same tree, interleaved.
 Generated data and caches live under $HFTL_BENCH_WORK/scale (default /tmp/hftl-bench) and are removed at the end
 (--keep to keep them, and to reuse data kept by an earlier run).
 """
@@ -90,7 +91,23 @@ def write_folder(folder: Path, rows: int, pngs, labels) -> None:
             (folder / split / CLASSES[labels[source]] / f"{i}.png").write_bytes(pngs[source])
 
 
+# the folder-listing case's other trees: empty files (a listing never opens one), (files per folder, folder, file name)
+SCAN_SHAPES = {
+    "imagenet": (1281, lambda c: f"n{1440764 + 9973 * c:08d}", lambda c, i: f"n{1440764 + 9973 * c:08d}_{i}.JPEG"),
+    "small": (100, lambda c: f"class{c:04d}", lambda c, i: f"img_{c}_{i}.jpg"),  # many small folders
+}
+
+
+def write_empty_tree(folder: Path, rows: int, shape: str) -> None:
+    per_folder, folder_name, file_name = SCAN_SHAPES[shape]
+    for c in range(-(-rows // per_folder)):
+        (folder / "train" / folder_name(c)).mkdir(parents=True)
+        for i in range(c * per_folder, min(rows, (c + 1) * per_folder)):
+            (folder / "train" / folder_name(c) / file_name(c, i)).touch()
+
+
 def scandir_seconds(folder: Path) -> float:
+    """The reference: a bare recursive os.scandir walk (what reading the file list costs and no more)."""
     start, stack, count = time.perf_counter(), [str(folder)], 0
     while stack:
         with os.scandir(stack.pop()) as entries:
@@ -99,6 +116,19 @@ def scandir_seconds(folder: Path) -> float:
                     stack.append(entry.path)
                 else:
                     count += 1
+    return time.perf_counter() - start
+
+
+def scandir_paths_seconds(folder: Path) -> float:
+    """A second reference: the same walk keeping every file's path, as any listing must (not the goal's reference)."""
+    start, stack, paths = time.perf_counter(), [str(folder)], []
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                else:
+                    paths.append(entry.path)
     return time.perf_counter() - start
 
 
@@ -175,6 +205,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[1000, 10_000, 100_000, 1_280_000])
     parser.add_argument("--folder_rows", type=int, nargs="*", default=[1000, 10_000, 50_000])
     parser.add_argument("--scan_rows", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--scan_shapes", nargs="*", default=["classes", *SCAN_SHAPES],
+                        help="the folder-listing trees: classes (10 folders of numbered PNGs, as the folder rows), "
+                             "imagenet (ImageNet's names, 1281 a folder), small (100 files a folder)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the folder-scan timing")
     parser.add_argument("--keep", action="store_true", help="keep (and reuse) the generated data")
     parser.add_argument("--child"), parser.add_argument("--data"), parser.add_argument("--model")
@@ -190,17 +223,22 @@ def main() -> None:
     floor = measure("floor", ROOT, model, env)
     print("floor", floor, flush=True)
     cases = [("parquet", n) for n in args.rows] + [("folder", n) for n in args.folder_rows]
-    cases += [("scan", n) for n in args.scan_rows]
+    cases += [(f"scan-{shape}", n) for n in args.scan_rows for shape in args.scan_shapes]
     try:
         for layout, n in cases:
-            data = ROOT / f"{'parquet' if layout == 'parquet' else 'folder'}-{n}"
+            shape = layout.removeprefix("scan-") if layout.removeprefix("scan-") in SCAN_SHAPES else None
+            data = ROOT / f"{layout if shape else 'parquet' if layout == 'parquet' else 'folder'}-{n}"
             start = time.perf_counter()
             if not (args.keep and data.exists()):
                 shutil.rmtree(data, ignore_errors=True)
-                (write_parquet if layout == "parquet" else write_folder)(data, n, pngs, labels)
+                if shape:
+                    write_empty_tree(data, n, shape)
+                else:
+                    (write_parquet if layout == "parquet" else write_folder)(data, n, pngs, labels)
+                os.sync()  # the new files' write-back would otherwise run during the timings (1.3x -> 1.7x the walk)
             written = time.perf_counter() - start
             row = {"layout": layout, "rows": n, "write_s": round(written, 1)}
-            if layout == "scan":
+            if layout.startswith("scan"):
                 row.update(scan_ratio(data, args.repeats))
                 print(row, flush=True)
                 rows_out.append(row)
@@ -227,7 +265,9 @@ def main() -> None:
 
 
 def scan_ratio(folder: Path, repeats: int) -> dict:
-    """Medians of interleaved timings: a bare os.scandir walk, hftl's scan, and hftl's whole cold listing."""
+    """Medians of interleaved timings: a bare os.scandir walk, one keeping the paths, hftl's scan, and hftl's whole
+    cold listing (scan, Arrow columns, the listing file written and opened; removing the last repeat's listing first
+    is not timed)."""
     import statistics
 
     from hftl import local_data
@@ -239,17 +279,16 @@ def scan_ratio(folder: Path, repeats: int) -> dict:
 
     cache = ROOT / "listing-cache"
 
-    def cold_listing():
-        shutil.rmtree(cache, ignore_errors=True)
-        local_data.load_imagefolder(str(folder), cache_dir=str(cache))
-
-    times = {"walk_s": [], "scan_s": [], "listing_s": []}
+    times = {"walk_s": [], "paths_walk_s": [], "scan_s": [], "listing_s": []}
     for _ in range(repeats):
         times["walk_s"].append(scandir_seconds(folder))
+        times["paths_walk_s"].append(scandir_paths_seconds(folder))
         times["scan_s"].append(timed(lambda: local_data._scan(folder)))
-        times["listing_s"].append(timed(cold_listing))
+        shutil.rmtree(cache, ignore_errors=True)  # cold: no listing yet
+        times["listing_s"].append(timed(lambda: local_data.load_imagefolder(str(folder), cache_dir=str(cache))))
     out = {k: statistics.median(v) for k, v in times.items()}
-    return out | {"scan_x": out["scan_s"] / out["walk_s"], "listing_x": out["listing_s"] / out["walk_s"]}
+    ratios = {k.replace("_s", "_x"): out[k] / out["walk_s"] for k in ("paths_walk_s", "scan_s", "listing_s")}
+    return out | ratios
 
 
 def print_table(floor: dict, rows: list[dict]) -> None:
@@ -261,13 +300,15 @@ def print_table(floor: dict, rows: list[dict]) -> None:
 
     print(f"floor (imports + model, no data): {cell(floor)}")
     for r in rows:
-        if r["layout"] == "scan":
-            print(f"folder scan at {r['rows']:,} files: hftl's scan {r['scan_s']:.2f} s = {r['scan_x']:.2f}x a bare "
-                  f"os.scandir walk ({r['walk_s']:.2f} s); whole cold listing {r['listing_s']:.2f} s = "
-                  f"{r['listing_x']:.2f}x")  # fmt: skip
+        if r["layout"].startswith("scan"):
+            print(f"folder listing ({r['layout'][5:]}) at {r['rows']:,} files: whole cold listing "
+                  f"{r['listing_x']:.2f}x a bare os.scandir walk ({r['listing_s']:.3f} vs {r['walk_s']:.3f} s), "
+                  f"hftl's scan alone {r['scan_x']:.2f}x "
+                  f"({r['scan_s']:.3f} s); for reference, a walk keeping the paths {r['paths_walk_x']:.2f}x "
+                  f"({r['paths_walk_s']:.3f} s)")  # fmt: skip
     print("| data | rows | hftl cold | hftl warm | plain cold | plain warm | os.scandir walk |")
     print("|---|---|---|---|---|---|---|")
-    for r in (r for r in rows if r["layout"] != "scan"):
+    for r in (r for r in rows if not r["layout"].startswith("scan")):
         walk = f"{r['scandir_s']:.2f} s" if "scandir_s" in r else ""
         print(f"| {r['layout']} | {r['rows']:,} | {cell(r['hftl_cold'])} | {cell(r['hftl_warm'])} | "
               f"{cell(r['plain_cold'])} | {cell(r['plain_warm'])} | {walk} |")  # fmt: skip

@@ -14,6 +14,7 @@ from PIL import Image
 import hftl.local_data as local_data
 from hftl.config import DataArgs
 from hftl.data import load_dataset_dict
+from hftl.folder_listing import IMAGE_EXTENSIONS
 from hftl.tasks.classification.task import ClassificationTask
 from tests.fixtures.data import make_colour_images
 
@@ -101,3 +102,89 @@ def test_parquet_folder_cache_holds_small_images_in_few_record_batches(tmp_path)
     loaded = local_data.load_hub_layout(str(tmp_path / "ds"))["train"]
     assert len(loaded.data.to_batches()) == 1
     assert loaded[249]["image"].getpixel((0, 0)) == train[249]["image"].getpixel((0, 0))
+
+
+def _by_the_rules(root) -> list[str]:
+    """The listing file by file, as the rules read: image extensions in any case, hidden folders skipped, symlinked
+    folders followed, rows in the order of their paths."""
+    paths = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        paths += [os.path.join(folder, f) for f in files if f[f.rfind(".") :].lower() in IMAGE_EXTENSIONS]
+    return sorted(paths)
+
+
+def _touch(path, data=b""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _odd_tree(root):
+    """Names that each take another path through the vectorised listing."""
+    for i in range(300):  # a large folder: its path is put before all its names in one call
+        _touch(root / "cat" / f"{i}.png")
+    for name in ["n01440764_10026.JPEG", "n01440764_9.JPEG", "n01440764_100.jpeg", "x.Png", "a.ps", ".hidden.jpg"]:
+        _touch(root / "dog" / name)  # shared prefixes, upper-case and short extensions
+    for i in range(3):  # the same first 8 bytes after the shared prefix: sorted by all bytes
+        _touch(root / "dog" / f"abcdefghijk{i}.png")
+    for name in ["ñandú.png", "Ñ.png", "日本.jpg", "e\u0301.png", "z.J2\u212a", "q.\u0130co"]:
+        _touch(root / "ünïcode" / name)  # code point order; str.lower()'s Kelvin sign and dotted capital I
+    for i in range(10):  # more non-images than are checked one by one
+        _touch(root / "notes" / f"note{i}.txt")
+    _touch(root / "notes" / "kept.bmp")
+    _touch(root / "cat-2" / "sub" / "deep.png")  # a sub-folder in a class folder: files at two depths
+    _touch(root / "cat-2" / "sub.png")
+    _touch(root / "cat-2" / "sub-a.png")
+    _touch(root / "cat.b" / "x.tiff")
+    _touch(root / ".hidden" / "h.png")
+    (root / "dog" / "linked").symlink_to(root / "cat.b")  # a symlinked folder among a leaf folder's files
+    (root / "notes" / "linked").symlink_to(root / "cat.b")
+
+
+def test_imagefolder_listing_follows_the_rules_in_path_order(tmp_path):
+    _odd_tree(tmp_path / "data")
+    root = os.path.realpath(tmp_path / "data")
+    listed = local_data.load_imagefolder(root, cache_dir=str(tmp_path / "cache"))
+    paths = listed["train"].cast_column("image", ImageFeature(decode=False))["image"]
+    assert [image["path"] for image in paths] == _by_the_rules(root)
+    assert "label" not in listed["train"].features  # files at two depths: datasets gives no labels
+
+
+def test_imagefolder_listing_labels_and_splits_in_path_order(tmp_path):
+    for split in ("train", "val", "validation"):  # val and validation are both datasets' validation split
+        for folder in ("Cat", "cat", "cat-2", "dog"):
+            for name in ("b.PNG", "a.jpg", "a.txt", "B.png", "10.png", "9.png"):
+                _touch(tmp_path / "data" / split / folder / f"{split}{name}")
+    _touch(tmp_path / "data" / "loose.png")  # beside split folders: in no split, as datasets reads it
+    root = os.path.realpath(tmp_path / "data")
+    listed = local_data.load_imagefolder(root, cache_dir=str(tmp_path / "cache"))
+    assert list(listed) == ["train", "validation"]
+    names = listed["train"].features["label"].names
+    assert names == ["Cat", "cat", "cat-2", "dog"]
+    for split, folders in (("train", ["train"]), ("validation", ["val", "validation"])):
+        rows = listed[split].cast_column("image", ImageFeature(decode=False))
+        expected = sorted(p for folder in folders for p in _by_the_rules(os.path.join(root, folder)))
+        assert [image["path"] for image in rows["image"]] == expected
+        assert [names[label] for label in rows["label"]] == [os.path.basename(os.path.dirname(p)) for p in expected]
+
+
+@pytest.mark.parametrize(
+    ("name", "builder"),
+    [("train_001.png", True), ("cat.TEST.jpg", True), ("a\u3000val.png", True), ("contest.png", False),
+     ("train2.png", False), ("TEST\u0130.jpg", False), ("val.png.bak", False)],
+)  # fmt: skip
+def test_split_keywords_in_file_names_go_to_datasets(tmp_path, name, builder):
+    _touch(tmp_path / "a" / name)
+    _touch(tmp_path / "b" / "x.png")
+    assert (local_data._scan(tmp_path) is None) == builder
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    _touch(tmp_path / "data" / "a" / "x.png")
+    _touch(tmp_path / "data" / "b" / "y.png")
+    (tmp_path / "data" / "a").joinpath(os.fsdecode(b"caf\xe9.txt")).write_bytes(b"")  # not an image: ignored
+    listed = local_data.load_imagefolder(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert len(listed["train"]) == 2
+    (tmp_path / "data" / "a").joinpath(os.fsdecode(b"caf\xe9.PNG")).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"caf\\xe9.PNG' in .*/a is not UTF-8: rename it"):
+        local_data.load_imagefolder(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
