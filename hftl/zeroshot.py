@@ -22,6 +22,10 @@ grid the processor gives a square image (e.g. 16 × 16 patches of 16 px for 256 
 the patch conv and the position grid is resized once, by SigLIP 2's own resize. For square images this is the same
 function (tested); other shapes are squashed to the square, as SigLIP 1 does, instead of padded at their own
 aspect ratio.
+
+A transformers `VisionTextDualEncoderModel` whose vision tower is a timm model (`TimmWrapperModel`) needs no
+conversion: the classifier is that timm model with a classifier layer, the projection folded into it as for CLIP
+(bench/imagenet_dual_encoder.py builds one offline from the bundled ImageNet EfficientNet-Lite0).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ DEFAULT_TEMPLATES = (
     "a photo of the small {}.",
 )
 SUPPORTED = ("clip", "siglip", "siglip2")
+# a VisionTextDualEncoderModel is convertible when its vision tower is a timm model
+VISION_TEXT = "vision-text-dual-encoder"
 TEMPLATE_SEPARATOR = "|"
 # transformers hidden_act -> timm act_layer
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -70,11 +76,15 @@ def dual_encoder_type(config) -> str | None:
     return None
 
 
-def check_convertible(model_type: str, name: str) -> None:
+def check_convertible(config, name: str) -> None:
+    model_type = config.model_type
+    if model_type == VISION_TEXT and config.vision_config.model_type == "timm_wrapper":
+        return
     if model_type not in SUPPORTED:
         raise ValueError(
-            f"{name} is a {model_type!r} dual encoder; zero-shot heads convert {', '.join(SUPPORTED)} vision towers "
-            "to an image-classification model. Use a CLIP, SigLIP or SigLIP 2 checkpoint."
+            f"{name} is a {model_type!r} dual encoder; zero-shot heads convert {', '.join(SUPPORTED)} vision towers, "
+            f"and {VISION_TEXT} models with a timm vision tower, to an image-classification model. Use a CLIP, "
+            "SigLIP or SigLIP 2 checkpoint."
         )
 
 
@@ -227,18 +237,47 @@ def timm_vision_state(dual, processor=None) -> tuple[dict, torch.Tensor | None]:
     return out, None
 
 
-@torch.no_grad()
-def build_classifier(dual, processor, tokenizer, id2label: dict, templates: list[str] | None, head: str = "text"):
-    """A `TimmWrapperForImageClassification` holding `dual`'s vision tower, with the zero-shot head (head="text")
-    or a freshly initialised one (head="random")."""
+def _timm_tower_classifier(dual, id2label: dict):
+    """A VisionTextDualEncoderModel's timm vision tower with a fresh classifier, and its projection matrix."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    vision = dual.config.vision_config
+    config = TimmWrapperConfig(
+        architecture=vision.architecture,
+        model_args=getattr(vision, "model_args", None),
+        pretrained_cfg={**vision.pretrained_cfg, "num_classes": len(id2label)},
+        num_labels=len(id2label),
+        id2label=dict(id2label),
+        label2id={v: k for k, v in id2label.items()},
+    )
+    classifier = TimmWrapperForImageClassification(config)
+    state = dual.vision_model.timm_model.state_dict()
+    state.update({k: v for k, v in classifier.timm_model.state_dict().items() if k not in state})
+    classifier.timm_model.load_state_dict(state, strict=True)
+    return classifier, dual.visual_projection.weight.detach().clone()
+
+
+def _vision_classifier(dual, processor, id2label: dict):
+    """(the vision tower as a TimmWrapperForImageClassification with a fresh head, the projection or None)."""
     from transformers import TimmWrapperForImageClassification
 
+    if dual.config.model_type == VISION_TEXT:
+        return _timm_tower_classifier(dual, id2label)
     config = _timm_config(dual, processor, id2label)
     classifier = TimmWrapperForImageClassification(config)
     vision, projection = timm_vision_state(dual, processor)
     fresh_head = {k: v for k, v in classifier.timm_model.state_dict().items() if k.startswith("head.")}
     vision.update(fresh_head)
     classifier.timm_model.load_state_dict(vision, strict=True)
+    return classifier, projection
+
+
+@torch.no_grad()
+def build_classifier(dual, processor, tokenizer, id2label: dict, templates: list[str] | None, head: str = "text"):
+    """A `TimmWrapperForImageClassification` holding `dual`'s vision tower, with the zero-shot head (head="text")
+    or a freshly initialised one (head="random")."""
+    classifier, projection = _vision_classifier(dual, processor, id2label)
+    config = classifier.config
     classifier.eval()
     if head == "text":
         names = [id2label[i] for i in range(len(id2label))]
@@ -249,9 +288,10 @@ def build_classifier(dual, processor, tokenizer, id2label: dict, templates: list
         reference = classifier.timm_model.forward_head(classifier.timm_model.forward_features(grey), pre_logits=True)
         reference = reference @ projection.T if projection is not None else reference
         scale = dual.logit_scale.exp().item() / max(reference.norm().item(), 1e-6)
-        classifier.timm_model.head.weight.copy_(weight * scale)
+        linear = classifier.timm_model.get_classifier()
+        linear.weight.copy_(weight * scale)
         bias = getattr(dual, "logit_bias", None)
-        classifier.timm_model.head.bias.fill_(bias.item() if bias is not None else 0.0)
+        linear.bias.fill_(bias.item() if bias is not None else 0.0)
     return classifier
 
 
@@ -261,8 +301,10 @@ def load_classifier(path: str, model_args, id2label: dict, strategy_args):
 
     common = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
     dual = AutoModel.from_pretrained(path, **common)
-    check_convertible(dual.config.model_type, model_args.model)
-    hf_processor = AutoImageProcessor.from_pretrained(path, **common)
+    check_convertible(dual.config, model_args.model)
+    # a timm vision tower keeps its preprocessing in its config (TimmWrapper saves no processor file)
+    timm_tower = dual.config.model_type == VISION_TEXT
+    hf_processor = None if timm_tower else AutoImageProcessor.from_pretrained(path, **common)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
     wants_text = strategy_args.strategy == "zero-shot" or strategy_args.head_init == "text"
     templates = parse_templates(strategy_args.prompt_templates)

@@ -84,6 +84,45 @@ def test_siglip2_naflex_tower_converts_exactly_for_square_images(tiny_siglip2_di
         assert [r["label"] for r in got] == [r["label"] for r in expected]
 
 
+def test_vision_text_dual_encoder_with_a_timm_tower(tiny_timm_dual_dir, colour_folder, tmp_path):
+    """A VisionTextDualEncoderModel over a timm vision tower (bench/imagenet_dual_encoder.py builds one from the
+    bundled ImageNet model) needs no conversion: the classifier's features are the tower's, its projection is folded
+    into the head, each image's logits are the dual encoder's own (up to that image's embedding norm, which a linear
+    head cannot divide by), the saved folder loads as an image-classification pipeline, and `--strategy zero-shot`
+    runs on the dual encoder."""
+    from transformers import AutoModel, AutoTokenizer, TimmWrapperImageProcessor, pipeline
+
+    from hftl.runner import run
+    from hftl.zeroshot import build_classifier
+
+    dual = AutoModel.from_pretrained(tiny_timm_dual_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_timm_dual_dir)
+    classifier = build_classifier(dual, None, tokenizer, dict(enumerate(NAMES)), [TEMPLATE])
+    classifier.save_pretrained(tmp_path / "zs")
+    processor = TimmWrapperImageProcessor(pretrained_cfg=classifier.config.pretrained_cfg)
+    processor.save_pretrained(tmp_path / "zs")
+    images = _images()
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    prompts = tokenizer([TEMPLATE.format(n) for n in NAMES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = dual(pixel_values=pixels, **prompts).logits_per_image
+        logits = classifier(pixel_values=pixels).logits
+        timm_model = classifier.timm_model
+        features = timm_model.forward_head(timm_model.forward_features(pixels), pre_logits=True)
+        embeds = dual.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(dual.visual_projection(features), embeds, atol=1e-5, rtol=1e-4)
+    ratio = logits / expected
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=0)
+    assert torch.equal(logits.argsort(1), expected.argsort(1))
+    got = pipeline("image-classification", model=str(tmp_path / "zs"))(images[0], top_k=len(NAMES))
+    assert sorted(r["label"] for r in got) == sorted(NAMES)
+
+    results = run(
+        "classification", _argv(colour_folder, tiny_timm_dual_dir, tmp_path / "run", "--strategy", "zero-shot")
+    )
+    assert results["trainable_parameters"] == 0 and "accuracy" in results["test"]
+
+
 def _argv(data, model, out, *extra):
     return [
         "--dataset", str(data), "--model", str(model), "--output_dir", str(out), "--num_epochs", "2",
