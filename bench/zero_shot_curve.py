@@ -26,7 +26,7 @@ from bench.common import WORK  # noqa: E402
 PROBE = ["--learning_rate", "2.0e-2", "--max_steps", "300", "--batch_size", "16", "--eval_every_epochs", "1000"]
 
 
-def cell_argv(args, out: Path, strategy: str, shots: int, head: str, seed: int) -> list[str]:
+def cell_argv(args, out: Path, strategy: str, shots: str, head: str, seed: int) -> list[str]:
     argv = [
         "--dataset", "hftl/fashion-mnist", "--model", str(args.dual), "--output_dir", str(out),
         "--image_size", str(args.image_size), "--max_eval_samples", str(args.eval_rows), "--seed", str(seed),
@@ -34,11 +34,11 @@ def cell_argv(args, out: Path, strategy: str, shots: int, head: str, seed: int) 
         "--num_threads", str(args.num_threads),
     ]  # fmt: skip
     if strategy != "zero-shot":
-        argv += ["--shots", str(shots), "--head_init", head, *PROBE]
+        argv += ["--head_init", head, *PROBE] + (["--shots", shots] if shots != "all" else [])
     return argv
 
 
-def run_cell(args, strategy: str, shots: int, head: str, seed: int) -> float:
+def run_cell(args, strategy: str, shots: str, head: str, seed: int) -> float:
     from hftl.outputs import is_finished, read_results
     from hftl.runner import run
 
@@ -56,17 +56,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=WORK / "zero-shot-curve")
     parser.add_argument("--shots", default="1,5,25,100")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--all_heads", default="", help="Also probe on all 55,000 train images: text,random.")
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--eval_rows", type=int, default=1000)
     # on the shared 2-core machine two contending threads stepped 12x slower than one (bench/README)
     parser.add_argument("--num_threads", type=int, default=1)
     args = parser.parse_args()
 
-    rows = [("zero-shot", 0, "text", [run_cell(args, "zero-shot", 0, "text", 0)])]
-    for shots in (int(s) for s in args.shots.split(",")):
+    rows = [("zero-shot", "0", "text", [run_cell(args, "zero-shot", "0", "text", 0)])]
+    for shots in args.shots.split(","):
         for head in ("text", "random"):
             accs = [run_cell(args, "linear-probe", shots, head, seed) for seed in range(args.seeds)]
             rows.append(("linear-probe", shots, head, accs))
+    for head in args.all_heads.split(",") if args.all_heads else []:  # every train image: one seed
+        rows.append(("linear-probe", "all", head, [run_cell(args, "linear-probe", "all", head, 0)]))
     print(f"\nFashion-MNIST test (first {args.eval_rows} rows), {args.image_size} px, dual encoder {args.dual.name}")
     print("| shots per class | strategy | head | test accuracy (mean ± std) | seeds |\n|---|---|---|---|---|")
     for strategy, shots, head, accs in rows:

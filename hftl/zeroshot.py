@@ -10,10 +10,11 @@ into a `TimmWrapperForImageClassification` whose head is
 
     head.weight = logit_scale × normalised class text embeddings × projection / r,   head.bias = logit_bias (SigLIP)
 
-(CLIP's projection folded into the head; r = the image-embedding norm of a mean-grey image, standing in for the
-per-image normalisation a linear layer cannot do, so logits stay at the scale the encoder was trained with; it never
-changes which class wins). The result loads with `pipeline("image-classification")`, trains with every strategy,
-pushes and serves like any fine-tuned model. `--head_init text` starts fine-tuning from this head (LP-FT).
+(CLIP's projection folded into the head; r = the image-embedding norm of a mean-grey image, or the mean over
+seeded noise images for a timm CNN tower, standing in for the per-image normalisation a linear layer cannot do, so
+logits stay at the scale the encoder was trained with; it never changes which class wins). The result loads with
+`pipeline("image-classification")`, trains with every strategy, pushes and serves like any fine-tuned model.
+`--head_init text` starts fine-tuning from this head (LP-FT).
 
 SigLIP 2's NaFlex tower takes patches, not pixels: its processor resizes each image, keeping the aspect ratio, to
 at most `max_num_patches` patches, and the learned position grid is resized to each image's patch grid. timm's ViT
@@ -283,11 +284,18 @@ def build_classifier(dual, processor, tokenizer, id2label: dict, templates: list
         names = [id2label[i] for i in range(len(id2label))]
         weight = class_text_embeddings(dual, tokenizer, names, templates or list(DEFAULT_TEMPLATES))
         weight = weight @ projection if projection is not None else weight
-        # the norm of a mean-grey image's embedding: mean pixels normalise to 0
-        grey = torch.zeros(1, 3, *config.pretrained_cfg["input_size"][1:])
-        reference = classifier.timm_model.forward_head(classifier.timm_model.forward_features(grey), pre_logits=True)
+        # the norm of a mean-grey image's embedding: mean pixels normalise to 0. A CNN's pooled ReLU features of a
+        # flat image are ~0 (EfficientNet-Lite0: 0.005, against ~16 for noise), which made logits thousands of
+        # times too large and left a probe from this head stuck where it started; timm towers take the mean norm
+        # over seeded noise images instead.
+        shape = (1, 3, *config.pretrained_cfg["input_size"][1:])
+        if dual.config.model_type == VISION_TEXT:
+            probe = torch.randn((8, *shape[1:]), generator=torch.Generator().manual_seed(0))
+        else:
+            probe = torch.zeros(shape)
+        reference = classifier.timm_model.forward_head(classifier.timm_model.forward_features(probe), pre_logits=True)
         reference = reference @ projection.T if projection is not None else reference
-        scale = dual.logit_scale.exp().item() / max(reference.norm().item(), 1e-6)
+        scale = dual.logit_scale.exp().item() / max(reference.norm(dim=-1).mean().item(), 1e-6)
         linear = classifier.timm_model.get_classifier()
         linear.weight.copy_(weight * scale)
         bias = getattr(dual, "logit_bias", None)
