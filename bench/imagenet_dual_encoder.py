@@ -12,7 +12,7 @@ gloss, so words outside the 1,000 names ("sneaker": "a canvas shoe with a pliabl
 definitions' words point. Nothing here reads an image; the Fashion-MNIST validation split is only used to watch
 the zero-shot accuracy of the result (`--watch`), never the test split.
 
-    python bench/imagenet_dual_encoder.py --out /tmp/hftl-bench/imagenet-wordnet-dual --steps 3000
+    python bench/imagenet_dual_encoder.py --out /tmp/hftl-bench/imagenet-wordnet-dual --steps 1500 --watch
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def write(out: Path, args) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=WORK / "imagenet-wordnet-dual")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--temperature", type=float, default=0.05)
