@@ -253,7 +253,9 @@ def _eight_bytes(names: pa.BinaryArray, start: int) -> np.ndarray:
     slices every name and pads it to 8 bytes, so the result's bytes are the matrix."""
     if not len(names):
         return np.zeros((0, 8), np.uint8)
-    if start < 0:
+    if pc.min(pc.binary_length(names)).as_py() >= (8 if start < 0 else start + 8):  # no name to pad: one pass
+        padded = pc.binary_slice(names, start, start + 8 or None)
+    elif start < 0:
         padded = pc.binary_slice(pc.binary_replace_slice(names, 0, 0, bytes(8)), start, start + 8 or None)
     elif start == 0:
         padded = pc.binary_slice(pc.binary_replace_slice(names, 1 << 30, 1 << 30, bytes(8)), 0, 8)

@@ -4,6 +4,7 @@ in the Hub's own layout load as that dataset."""
 import os
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features
@@ -11,6 +12,7 @@ from datasets import Image as ImageFeature
 from datasets.data_files import EmptyDatasetError
 from PIL import Image
 
+import hftl.folder_listing as folder_listing
 import hftl.local_data as local_data
 from hftl.config import DataArgs
 from hftl.data import load_dataset_dict
@@ -129,6 +131,8 @@ def _odd_tree(root):
         _touch(root / "dog" / f"abcdefghijk{i}.png")
     for name in ["ñandú.png", "Ñ.png", "日本.jpg", "e\u0301.png", "z.J2\u212a", "q.\u0130co"]:
         _touch(root / "ünïcode" / name)  # code point order; str.lower()'s Kelvin sign and dotted capital I
+    for i in (7, 30, 100):  # long names past their folder's shared prefix: their bytes there in one pass
+        _touch(root / "long" / f"shared_prefix_{i}_and_a_tail.png")
     for i in range(10):  # more non-images than are checked one by one
         _touch(root / "notes" / f"note{i}.txt")
     _touch(root / "notes" / "kept.bmp")
@@ -148,6 +152,18 @@ def test_imagefolder_listing_follows_the_rules_in_path_order(tmp_path):
     paths = listed["train"].cast_column("image", ImageFeature(decode=False))["image"]
     assert [image["path"] for image in paths] == _by_the_rules(root)
     assert "label" not in listed["train"].features  # files at two depths: datasets gives no labels
+
+
+def test_eight_bytes_of_names_at_any_offset():
+    long = [b"n01440764_10026.JPEG", b"n01440764_9.JPEG", b"abcdefghijklmnopqrstuvwxyz"]
+    for names in (long, long[1:], [b"a.ps", *long]):  # no name to pad, and one to pad
+        for array in (pa.array(names, pa.binary()), pa.array([b"x", *names], pa.binary()).slice(1)):
+            for start in (-8, 0, 3, 8, 10, 16):
+                got = folder_listing._eight_bytes(array, start).tobytes()
+                if start < 0:
+                    assert got == b"".join(name[-8:].rjust(8, b"\0") for name in names)
+                else:
+                    assert got == b"".join(name[start : start + 8].ljust(8, b"\0") for name in names)
 
 
 def test_imagefolder_listing_labels_and_splits_in_path_order(tmp_path):
