@@ -259,11 +259,16 @@ def main() -> None:
             rows_out.append(row)
             if not args.keep:
                 shutil.rmtree(data, ignore_errors=True)
-            (ROOT.parent / "scale.json").write_text(json.dumps({"floor": floor, "rows": rows_out}, indent=1))
+            save_rows(floor, rows_out)  # after each case: a long run keeps what it measured
     finally:
         if not args.keep:
             shutil.rmtree(ROOT, ignore_errors=True)
+    save_rows(floor, rows_out)
     print_table(floor, rows_out)
+
+
+def save_rows(floor: dict, rows: list[dict]) -> None:
+    (ROOT.parent / "scale.json").write_text(json.dumps({"floor": floor, "rows": rows}, indent=1))
 
 
 def scan_ratio(folder: Path, repeats: int) -> dict:
