@@ -109,7 +109,13 @@ def quantize(fmt: str, folder: Path, calibration: list) -> Path:
 
 
 def _quantize_onnx(folder: Path, calibration: list) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     source, target = folder / MODEL_FILES["onnx"][0], folder / MODEL_FILES["onnx"][1]
@@ -125,18 +131,33 @@ def _quantize_onnx(folder: Path, calibration: list) -> Path:
 
     try:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        # the 99.999th percentile of activations rather than their extremes, and the layers that read the pixels or
+        # write an output kept in float: on three short EfficientNet-Lite0 digits runs (bench/README.md, "Export")
+        # the worst int8 drop went from 3.1 points (min-max, all layers) to 0.8
         quantize_static(
             str(prepared),
             str(target),
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            calibrate_method=CalibrationMethod.Percentile,
+            nodes_to_exclude=_input_and_output_layers(prepared),
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
     finally:
         prepared.unlink(missing_ok=True)
     return target
+
+
+def _input_and_output_layers(path: Path) -> list[str]:
+    """Names of the first Conv/MatMul/Gemm fed by the pixels and of those whose result is a model output."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    layers = [node for node in graph.node if node.op_type in ("Conv", "MatMul", "Gemm")]
+    outputs = {output.name for output in graph.output}
+    return [node.name for node in layers[:1] + [n for n in layers[1:] if outputs.intersection(n.output)]]
 
 
 def _quantize_openvino(folder: Path, calibration: list) -> Path:
