@@ -136,14 +136,24 @@ def decode_or_none(item):
 
 
 class collate_readable:  # noqa: N801 (used as a function; a class so that DataLoader workers can pickle it)
-    """`collate` over the readable items of a train batch; the batch's SKIPPED lists the names of the others."""
+    """`collate` over the readable items of a train batch; the batch's SKIPPED lists the names of the others.
+
+    A batch with no readable item is the last readable item this copy collated (each DataLoader worker has its own),
+    trained on once more, so that every rank still takes its step (a rank that skips one stalls the others' gradient
+    all-reduce); before any readable item the batch holds only SKIPPED, which the training loop skips."""
 
     def __init__(self, collate):
         self.collate = collate
+        self.stand_in = None
 
     def __call__(self, examples: list) -> dict:
         names = [e[UNREADABLE] for e in examples if e.get(UNREADABLE)]
-        batch = self.collate([e for e in examples if not e.get(UNREADABLE)])
+        readable = [e for e in examples if not e.get(UNREADABLE)]
+        if readable:
+            self.stand_in = readable[-1]
+        elif self.stand_in is not None:
+            readable = [self.stand_in]
+        batch = self.collate(readable) if readable else {}
         batch[SKIPPED] = names
         return batch
 

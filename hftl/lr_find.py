@@ -59,6 +59,8 @@ def range_test(task, adapted, train_dataset, collate_fn, args, accelerator, star
     while step < steps:
         for batch in loader:
             del batch[SKIPPED]  # named by the training run that follows
+            if not batch:
+                continue
             loss = task.forward(model, batch).loss
             accelerator.backward(loss)
             optimizer.step()

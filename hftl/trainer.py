@@ -309,6 +309,15 @@ def train(
                 skipped += batch[SKIPPED]
                 state.skipped_images = sorted({*state.skipped_images, *batch[SKIPPED]})
             del batch[SKIPPED]
+            if not batch:  # nothing readable yet where it was read (collate_readable): no step to take
+                if accelerator.num_processes > 1:
+                    raise RuntimeError(
+                        f"Rank {accelerator.process_index} read a train batch of unreadable images only before "
+                        f"any readable one ({', '.join(skipped[-10:])}): remove or fix them, or train with one "
+                        "process."
+                    )
+                state.batches_into_epoch += 1
+                continue
             if streamed:
                 batch = send_to_device(batch, accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):

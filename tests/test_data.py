@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -212,6 +213,23 @@ def test_a_large_train_split_is_checked_as_it_is_read(tmp_path):
     assert [b[SKIPPED] for b in batches] == [[str(tmp_path / "broken.jpg")], []]
 
 
+def test_a_batch_of_only_unreadable_images_is_a_readable_stand_in_or_nothing(tmp_path):
+    """A batch of unreadable images alone: the last readable item collated stands in (every rank keeps stepping);
+    before any, the batch holds only the names."""
+    dsd = _with_bad_files(tmp_path)
+    task = ClassificationTask()
+    task.image_column, task.label_column = "image", "label"
+    from transformers import ViTImageProcessor
+
+    train = task.prepare(dsd, ViTImageProcessor(size={"height": 8, "width": 8}), DataArgs(image_size=8))["train"]
+    collate, broken = collate_readable(task.collate), str(tmp_path / "broken.jpg")
+    assert collate(train.__getitems__([1])) == {SKIPPED: [broken]}
+    first = collate(train.__getitems__([0]))
+    again = collate(train.__getitems__([1]))
+    assert again[SKIPPED] == [broken] and again["labels"].tolist() == [0]
+    assert torch.equal(again["pixel_values"], first["pixel_values"])
+
+
 def test_a_run_names_a_train_image_found_unreadable_in_a_loader_worker(
     tiny_vit_dir, colour_folder, tmp_path, monkeypatch, caplog
 ):
@@ -234,3 +252,24 @@ def test_a_run_names_a_train_image_found_unreadable_in_a_loader_worker(
     assert results["skipped_images"] == {"train": [str(broken)]}
     assert results["num_samples"]["train"] == 48 and np.isfinite(results["history"][0]["train_loss"])
     assert f"epoch 1: skipped 1 unreadable train image(s): {broken}" in caplog.text
+
+
+def test_a_run_with_batches_of_only_unreadable_images_trains_on(tiny_vit_dir, colour_folder, tmp_path, monkeypatch):
+    """Batch size 1 and one readable train image: the unreadable ones read before it are skipped (no step), those
+    after it take a step on it again; all are named."""
+    import shutil
+
+    import hftl.image_check
+    from hftl.runner import run
+    from tests.fixtures.data import classification_argv
+
+    monkeypatch.setattr(hftl.image_check, "UP_FRONT_MAX_ROWS", 0)
+    data = shutil.copytree(colour_folder, tmp_path / "data")
+    broken = sorted(data.glob("train/*/*.png"))[1:]
+    for path in broken:
+        path.write_bytes(b"not a png")
+    extra = ["--num_epochs", "1", "--image_size", "32", "--batch_size", "1", "--decoded_cache_max_mb", "0"]
+    args = classification_argv(data, tiny_vit_dir, tmp_path / "out", *extra, "--validation_split", "test")
+    results = run("classification", [*args, "--num_workers", "0"])
+    assert results["skipped_images"] == {"train": sorted(map(str, broken))}
+    assert 1 < results["train"]["steps"] < 48 and np.isfinite(results["history"][0]["train_loss"])
