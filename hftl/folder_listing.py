@@ -3,13 +3,15 @@
 Every file is handled by Arrow and numpy kernels, never by a Python statement per file: the folders of one depth of
 the tree are listed, then all their names are checked (extension), sorted (per folder) and joined to paths at once.
 A Python loop per file (building the path, the extension check, sorted()) cost 3-5x the walk itself at 100k files
-(bench/README.md, "Scale"). Rows come in the order of their paths, as sorted() gives them.
+(bench/README.md, "Scale"). Folders are read in the process's cores' threads: listing one releases the GIL
+while the kernel reads it. Rows come in the order of their paths, as sorted() gives them.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +19,8 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Features
 from datasets import Image as ImageFeature
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+from hftl.system import cores_per_local_process
 
 # datasets' split keywords for folder names (datasets/data_files.py), in its order of precedence
 SPLIT_FOLDERS = {
@@ -36,6 +40,7 @@ _METADATA = pa.array([name.encode() for name in ImageFolder.METADATA_FILENAMES],
 _SEPARATORS = r"-._\s\x0b\x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
 _KEYWORDS = "|".join(name for names in SPLIT_FOLDERS.values() for name in names)
 _KEYWORD_WORD = f"(?:^|[{_SEPARATORS}])(?:{_KEYWORDS})[{_SEPARATORS}]"
+_CHUNKS = 32  # a depth's folders are read in this many tasks (a task per folder costs more than small ones)
 _FEW = 8  # a leaf folder's non-image names are stat-ed up to this many, else the folder is read again by scandir
 
 Runs = list[tuple[str, pa.StringArray]]  # (folder, the names of its image files), in the order of their paths
@@ -48,12 +53,15 @@ def scan(root) -> tuple[dict[str, Runs], dict[str, int]] | None:
     folders: dict[str, int] = {}
     listed: dict[str, tuple[pa.StringArray, list[str]]] = {}  # folder: (its image names, sorted; its sub-folders)
     depth = [str(root)]
-    while depth:
-        found = _list_folders(depth, folders)
-        if found is None:
-            return None
-        listed.update(found)
-        depth = [prefix + sub for folder in depth if (prefix := os.path.join(folder, "")) for sub in listed[folder][1]]
+    with ThreadPoolExecutor(cores_per_local_process()) as pool:
+        while depth:
+            found = _list_folders(depth, folders, pool.map if len(depth) > 1 else map)
+            if found is None:
+                return None
+            listed.update(found)
+            depth = [
+                prefix + sub for folder in depth if (prefix := os.path.join(folder, "")) for sub in listed[folder][1]
+            ]
 
     runs: list[tuple[str | None, str, pa.StringArray]] = []  # (the root's entry it lies under, folder, names)
 
@@ -109,17 +117,20 @@ def _paths(runs: Runs, counts: list[int]) -> pa.StringArray:
         return pa.array([], pa.string())
     prefixes = [os.path.join(folder, "") for folder, _ in runs]
     if sum(counts) >= 256 * len(runs):  # a folder's path put before all its names: ~5x faster per file, 20 us a call
-        return pa.concat_arrays([pc.binary_replace_slice(names, 0, 0, p) for p, (_, names) in zip(prefixes, runs)])
+        with ThreadPoolExecutor(cores_per_local_process()) as pool:  # Arrow's kernels release the GIL
+            joined = pool.map(lambda p, names: pc.binary_replace_slice(names, 0, 0, p), prefixes, [n for _, n in runs])
+            return pa.concat_arrays(list(joined))
     each = pa.array(prefixes, pa.string()).take(np.repeat(np.arange(len(runs)), counts))
     return pc.binary_join_element_wise(each, _concat(runs), "")
 
 
-def _list_folders(batch: list[str], folders: dict[str, int]) -> dict[str, tuple[pa.StringArray, list[str]]] | None:
-    """{folder: (its image file names, sorted; its sub-folders but hidden ones)}, or None when one holds metadata."""
-    lists, subfolders = [], []
-    for folder in batch:
+def _read_folders(chunk: list[str]) -> tuple[list[int], pa.BinaryArray, list[int], list[list[str] | None]]:
+    """The folders' modification times, the names of their entries but sub-folders (one array, folder after
+    folder), how many each, and their sub-folders (None: not known yet)."""
+    mtimes, lists, subfolders = [], [], []
+    for folder in chunk:
         stat = os.stat(folder)
-        folders[folder] = stat.st_mtime_ns
+        mtimes.append(stat.st_mtime_ns)
         if stat.st_nlink == 2:
             # a folder's link count is 2 + its sub-folders where the file system keeps it (ext4, xfs, tmpfs): here
             # none, so one C-built list of names; only names that are not images can be folders (symlinks to one;
@@ -132,7 +143,21 @@ def _list_folders(batch: list[str], folders: dict[str, int]) -> dict[str, tuple[
             lists.append([name for name, is_dir in types if not is_dir])
             subfolders.append([os.fsdecode(name) for name, is_dir in types if is_dir])
     names = pa.array(list(itertools.chain.from_iterable(lists)), pa.binary())
-    of = np.repeat(np.arange(len(batch)), [len(names) for names in lists])  # each name's folder
+    return mtimes, names, [len(names) for names in lists], subfolders
+
+
+def _list_folders(
+    batch: list[str], folders: dict[str, int], read_all=map
+) -> dict[str, tuple[pa.StringArray, list[str]]] | None:
+    """{folder: (its image file names, sorted; its sub-folders but hidden ones)}, or None when one holds metadata.
+    `read_all`: the map that reads chunks of folders (a thread pool's: the kernel lists a folder without the GIL)."""
+    size = -(-len(batch) // _CHUNKS)
+    read = list(read_all(_read_folders, [batch[i : i + size] for i in range(0, len(batch), size)]))
+    folders.update(zip(batch, itertools.chain.from_iterable(mtimes for mtimes, *_ in read)))
+    names = pa.concat_arrays([names for _, names, *_ in read])
+    counts = list(itertools.chain.from_iterable(counts for *_, counts, _ in read))
+    subfolders = list(itertools.chain.from_iterable(subs for *_, subs in read))
+    of = np.repeat(np.arange(len(batch)), counts)  # each name's folder
     is_image = _is_image(names)
     other_rows = np.flatnonzero(~is_image)  # few: what else is in the folders
     others = np.bincount(of[other_rows], minlength=len(batch))
