@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def compare_agreement(args, base, leaderboard: list[dict], knn_k: int = 10) -> dict:
     """The compare recipe's check of the shortcut: proxies on the grid's largest label budget, against each model's
     best fine-tuned test accuracy there (zero-shot and scratch rows excluded). Written to report/rank.{json,md};
-    the proxy scores are kept in <report_dir>/rank/ and reused while the models and budget are unchanged."""
+    the proxy scores are kept in <report_dir>/rank/ and reused while the models, data and options are unchanged."""
     from copy import deepcopy
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -308,13 +308,15 @@ def compare_agreement(args, base, leaderboard: list[dict], knn_k: int = 10) -> d
     for row in (r for r in trained if r["shots"] == top):
         fine_tuned[row["model"]] = max(fine_tuned.get(row["model"], 0.0), row["accuracy_mean"])
     cache = Path(args.report_dir) / "rank" / "rank.json"
-    key = {"models": models, "shots": top}
+    config = deepcopy(base)
+    config.data.shots = None if top == "all" else int(top)
+    # what the scores depend on: the candidates, the data and its transforms, the model options, the seed
+    key = {"models": models, "knn_k": knn_k, "data": vars(config.data), "model": vars(config.model)}
+    key = json.loads(json.dumps({**key, "seed": config.train.seed}, default=str))
     cached = json.loads(cache.read_text()) if cache.is_file() else {}
     if cached.get("key") == key:
         rows = cached["rows"]
     else:
-        config = deepcopy(base)
-        config.data.shots = None if top == "all" else int(top)
         rows = rank_models(models, config, knn_k)
         write_rank(rows, cache.parent)
         cache.write_text(json.dumps({"key": key, "rows": rows}, indent=2))

@@ -139,3 +139,6 @@ def test_compare_reports_each_proxys_agreement(tiny_vit_dir, tiny_resnet_dir, co
     mtime = (report_dir / "rank" / "rank.json").stat().st_mtime_ns
     compare(argv)
     assert (report_dir / "rank" / "rank.json").stat().st_mtime_ns == mtime
+    # other data (fewer evaluation rows): scored again, not the stored scores
+    compare([*argv, "--max_eval_samples", "6"])
+    assert json.loads((report_dir / "rank" / "rank.json").read_text())["key"]["data"]["max_eval_samples"] == 6
