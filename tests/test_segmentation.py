@@ -181,6 +181,29 @@ def test_paired_augmentation_moves_image_and_mask_together(tiny_segformer_dir):
     assert moved >= 3  # the transforms really cropped and flipped
 
 
+def test_train_images_resize_with_the_processors_interpolation():
+    """Train images are resized as the saved processor resizes them for evaluation and pipeline() (bicubic here),
+    masks by nearest neighbour."""
+    from torchvision.transforms import v2
+    from transformers import SegformerImageProcessor
+
+    rng = np.random.default_rng(0)  # detailed 20 px images upsampled to 48 px: where interpolations differ most
+    images = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(3)]
+    masks = [Image.fromarray((np.arange(400).reshape(20, 20) % 4).astype(np.uint8)) for _ in images]
+    task, data_args = _task(dataset="local", augment=False)
+    dsd = DatasetDict({"train": _dataset(images, masks)})
+    processor = SegformerImageProcessor(size={"height": 48, "width": 48}, resample=Image.Resampling.BICUBIC)
+    prepared = task.prepare(add_row_numbers(dsd), processor, data_args, task.data_spec(dsd, data_args))
+    for example, image in zip(prepared["train"], images):
+        evaluation = processor(image, return_tensors="pt")["pixel_values"][0]
+        bilinear = v2.functional.resize(v2.functional.pil_to_tensor(image), [48, 48], antialias=True) / 255
+        bilinear = v2.functional.normalize(bilinear, processor.image_mean, processor.image_std)
+        train = example["pixel_values"]
+        assert (train - evaluation).abs().mean() < 0.02
+        assert (bilinear - evaluation).abs().mean() > 2 * (train - evaluation).abs().mean()
+        assert set(example["labels"].unique().tolist()) <= {0, 1, 2, 3}
+
+
 # ---- metrics -----------------------------------------------------------------------------------------------------
 def _reference_mean_iou(preds, labels, num_labels, ignore_index):
     """evaluate's mean_iou, written out: per-class intersect/union over the dataset; absent classes left out."""

@@ -16,7 +16,7 @@ from datasets import DatasetDict
 from hftl.bundled import register_dataset
 from hftl.data import ROW_COLUMN, add_row_numbers
 from hftl.log import get_logger
-from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std
+from hftl.modeling import ensure_rgb, processor_input_size, processor_interpolation, processor_mean_std
 from hftl.tasks import mask_classification as mc
 from hftl.tasks.base import Task
 from hftl.tasks.instance_segmentation import data as isd
@@ -121,10 +121,14 @@ class InstanceSegmentationTask(Task):
         prompt = mc.task_prompt(processor, self.subtask)  # OneFormer's "the task is instance"; None for others
         processor = mc.image_processor_of(processor)
         size = processor_input_size(processor)
-        geometric = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
+        # images resized as the saved processor (evaluation, pipeline()) resizes them; masks always nearest
+        interpolation = processor_interpolation(processor)
+        crop = v2.RandomResizedCrop(size, (data_args.crop_scale_min, 1.0), interpolation=interpolation, antialias=True)
+        geometric = [crop]
         if data_args.hflip:
             geometric.insert(0, v2.RandomHorizontalFlip())
-        augment = v2.Compose(geometric) if data_args.augment else v2.Resize((size, size), antialias=True)
+        resize = v2.Resize((size, size), interpolation, antialias=True)
+        augment = v2.Compose(geometric) if data_args.augment else resize
         normalise = v2.Normalize(*processor_mean_std(processor))
         columns = (self.image_column, self.annotation_column, self.layout, self.num_labels)
 

@@ -16,7 +16,13 @@ from datasets import DatasetDict
 from hftl.bundled import register_dataset
 from hftl.data import ROW_COLUMN, add_row_numbers
 from hftl.log import get_logger
-from hftl.modeling import ensure_rgb, processor_input_size, processor_mean_std, resize_processor
+from hftl.modeling import (
+    ensure_rgb,
+    processor_input_size,
+    processor_interpolation,
+    processor_mean_std,
+    resize_processor,
+)
 from hftl.strategies import peft_base
 from hftl.tasks import mask_classification as mc
 from hftl.tasks.base import DataSpec, Task
@@ -200,7 +206,10 @@ class SegmentationTask(Task):
         size = processor_input_size(processor)
         mean, std = processor_mean_std(processor)
         # Geometric steps see the image and its mask together: the same crop and flip, nearest for masks.
-        geometric = [v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), antialias=True)]
+        # images resized as the saved processor (evaluation, pipeline()) resizes them; masks always nearest
+        interpolation = processor_interpolation(processor)
+        crop = v2.RandomResizedCrop(size, (data_args.crop_scale_min, 1.0), interpolation=interpolation, antialias=True)
+        geometric = [crop]
         if data_args.hflip:
             geometric.append(v2.RandomHorizontalFlip())
         to_model = [
@@ -208,7 +217,7 @@ class SegmentationTask(Task):
             v2.Normalize(mean, std),
         ]
         augment = v2.Compose(geometric + to_model)
-        plain = v2.Compose([v2.Resize((size, size), antialias=True)] + to_model)
+        plain = v2.Compose([v2.Resize((size, size), interpolation, antialias=True)] + to_model)
         assert spec is not None and isinstance(spec.task_data, sd.MaskSpec), "prepare needs data_spec()'s DataSpec"
         masks = spec.task_data
         image_col, mask_col = spec.image_column, masks.mask_column
