@@ -54,15 +54,18 @@ def load_dataset_dict(data_args, task) -> DatasetDict:
     from hftl.modeling import check_hub_repo
 
     # one metadata request: a mistyped name is named in a second, not after ~27 s of download retries
-    check_hub_repo(
+    repo_info = check_hub_repo(
         name,
         data_args.dataset_revision,
         repo_type="dataset",
         not_found_hint=f"It is not a bundled name ({', '.join(BUNDLED_DATASETS)}) nor a local folder "
         f"here ({os.getcwd()}): check the name or path; for a private dataset set HF_TOKEN or run `hf auth login`.",
     )
+    rows_per_batch = _rows_per_record_batch_from_card(repo_info, data_args.dataset_config)
     try:
-        loaded = datasets.load_dataset(name, data_args.dataset_config, revision=data_args.dataset_revision)
+        loaded = datasets.load_dataset(
+            name, data_args.dataset_config, revision=data_args.dataset_revision, writer_batch_size=rows_per_batch
+        )
     except Exception as error:  # the datasets library raises many types here; all mean "cannot get it"
         raise ValueError(
             f"Dataset {name!r} could not be loaded ({type(error).__name__}: {error}). It is not a bundled name "
@@ -72,6 +75,37 @@ def load_dataset_dict(data_args, task) -> DatasetDict:
     if not isinstance(loaded, DatasetDict):
         loaded = DatasetDict({"train": loaded})
     return loaded
+
+
+def _rows_per_record_batch_from_card(repo_info, config_name: str | None) -> int | None:
+    """`hftl.local_data.rows_per_record_batch` from the split sizes the dataset card records (`dataset_info`, which
+    `push_to_hub` writes), already fetched with the repo's info: nothing is read before the download. None (datasets'
+    default) when the card has no sizes for the config that loads."""
+    from datasets.info import DatasetInfosDict
+
+    from hftl.local_data import rows_per_record_batch
+
+    card = getattr(repo_info, "card_data", None)
+    if not card:
+        return None
+    card = card.to_dict()
+    try:
+        infos = DatasetInfosDict.from_dataset_card_data(card)
+    except (TypeError, ValueError, KeyError, AttributeError):  # a malformed card costs the default batching only
+        return None
+    if config_name is None:  # the config datasets loads without a name: the card's default, "default", the only one
+        flagged = [c.get("config_name") for c in card.get("configs") or [] if isinstance(c, dict) and c.get("default")]
+        if flagged:
+            config_name = flagged[0]
+        else:
+            config_name = "default" if "default" in infos or len(infos) != 1 else next(iter(infos))
+    info = infos.get(config_name)
+    if info is None or not info.splits:
+        return None
+    splits = info.splits.values()
+    return rows_per_record_batch(
+        sum(split.num_examples or 0 for split in splits), sum(split.num_bytes or 0 for split in splits)
+    )
 
 
 def standard_splits(dsd: DatasetDict, data_args, seed: int, stratify_column: str | None = None) -> DatasetDict:

@@ -130,19 +130,25 @@ def _open_listing(cache: Path, splits: list[str]) -> DatasetDict:
     return DatasetDict({split: Dataset.from_file(str(cache / f"{split}.arrow")) for split in splits})
 
 
+def rows_per_record_batch(num_rows: int, num_bytes: int) -> int | None:
+    """Rows per record batch of datasets' Arrow cache (its `writer_batch_size`) so that one batch holds
+    ~ARROW_BATCH_BYTES, for data of `num_rows` rows and `num_bytes` uncompressed bytes; None (datasets' default) when
+    either is unknown. datasets splits its readers' batches but never joins them: parquet files written in small row
+    groups (older datasets releases wrote 100 rows for images) keep batches that small whatever this says."""
+    if num_rows <= 0 or num_bytes <= 0:
+        return None
+    return int(min(max(ARROW_BATCH_BYTES * num_rows // num_bytes, 100), 100_000))
+
+
 def _rows_per_record_batch(root: Path, sampled_files: int = 4) -> int | None:
-    """Rows per record batch of datasets' Arrow cache so that one batch holds ~ARROW_BATCH_BYTES, from the parquet
-    footers' uncompressed sizes (a few files read, not the data); None (datasets' default) for arrow shards.
-    datasets splits the parquet reader's batches but never joins them: files written in small row groups (datasets'
-    own `to_parquet` writes 100 rows for images) keep batches that small."""
+    """`rows_per_record_batch` from the parquet footers' uncompressed sizes (a few files read, not the data); None
+    for arrow shards."""
     rows = size = 0
     for file in sorted(root.rglob("*.parquet"))[:sampled_files]:
         metadata = pq.ParquetFile(file).metadata
         rows += metadata.num_rows
         size += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-    if not rows:
-        return None
-    return int(min(max(ARROW_BATCH_BYTES * rows // max(size, 1), 100), 100_000))
+    return rows_per_record_batch(rows, size)
 
 
 def _has_tables(root: Path, depth: int = 3) -> bool:

@@ -63,20 +63,21 @@ def check_hub_repo(
     timeout: float = 10.0,
     repo_type: str = "model",
     not_found_hint: str = "",
-) -> None:
-    """`check_hub_model` for any repo type: models, and datasets (`--dataset`) the same way."""
+):
+    """`check_hub_model` for any repo type: models, and datasets (`--dataset`) the same way. Returns the repo's info
+    (huggingface_hub's ModelInfo/DatasetInfo, with its card data) when the Hub gave it, else None."""
     from huggingface_hub import HfApi, constants, get_token, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     if constants.HF_HUB_OFFLINE:
-        return
+        return None
     if repo_type == "model" and isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
-        return
+        return None
     cached = (Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}").is_dir()
     kind, option = ("Model", "--revision") if repo_type == "model" else ("Dataset", "--dataset_revision")
     endpoint = endpoint or constants.ENDPOINT
     try:
-        HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision, repo_type=repo_type, timeout=timeout)
+        return HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision, repo_type=repo_type, timeout=timeout)
     except RevisionNotFoundError:
         raise ValueError(f"{kind} {repo_id!r} has no revision {revision!r}: check {option}.") from None
     except RepositoryNotFoundError:
@@ -94,10 +95,10 @@ def check_hub_repo(
             raise ValueError(
                 f"{endpoint} {problem} while looking up {repo_id!r}: set a valid HF_TOKEN or run `hf auth login`."
             ) from None
-        return  # anything else (e.g. a mirror without the model-info API): from_pretrained decides
+        return None  # anything else (e.g. a mirror without the model-info API): from_pretrained decides
     except (*_transport_errors(), OSError) as error:
         if cached:  # a dataset loaded before: datasets falls back to its cached copy
-            return
+            return None
         hint = f" {not_found_hint}" if not_found_hint else ""
         raise ValueError(
             f"{kind} {repo_id!r} could not be loaded: {endpoint} is not reachable ({type(error).__name__}).{hint} "

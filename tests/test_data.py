@@ -175,6 +175,33 @@ def test_missing_dataset_names_the_ways_to_get_one(tmp_path):
         load_dataset_dict(DataArgs(dataset=str(tmp_path / "missing")), ClassificationTask())
 
 
+def test_record_batch_rows_come_from_the_card_sizes_of_the_config_that_loads():
+    from huggingface_hub.hf_api import DatasetInfo as HubDatasetInfo
+
+    from hftl.data import _rows_per_record_batch_from_card
+    from hftl.local_data import ARROW_BATCH_BYTES
+
+    def split(name, rows, size):
+        return {"name": name, "num_examples": rows, "num_bytes": size}
+
+    thumbnails = {"config_name": "thumbnails", "splits": [split("train", 900, 450_000), split("test", 100, 50_000)]}
+    photos = {"config_name": "photos", "splits": [split("train", 100, 100_000_000)]}
+    configs = [{"config_name": "photos", "data_files": "p/*"}, {"config_name": "thumbnails", "data_files": "t/*"}]
+    card = {"dataset_info": [thumbnails, photos], "configs": configs}
+    repo = HubDatasetInfo(id="user/two-configs", cardData=card)
+    assert _rows_per_record_batch_from_card(repo, "thumbnails") == ARROW_BATCH_BYTES // 500
+    assert _rows_per_record_batch_from_card(repo, "photos") == 100  # 1 MB images: datasets' default
+    assert _rows_per_record_batch_from_card(repo, None) is None  # no default config: datasets asks for a name
+    configs[1]["default"] = True
+    flagged = HubDatasetInfo(id="user/flagged", cardData={"dataset_info": [thumbnails, photos], "configs": configs})
+    assert _rows_per_record_batch_from_card(flagged, None) == ARROW_BATCH_BYTES // 500
+    single = HubDatasetInfo(id="user/one", cardData={"dataset_info": {"splits": [split("train", 1000, 500_000)]}})
+    assert _rows_per_record_batch_from_card(single, None) == ARROW_BATCH_BYTES // 500
+    for unsized in ({"license": "mit"}, {"dataset_info": {"features": [{"name": "x", "dtype": "int64"}]}}, None):
+        assert _rows_per_record_batch_from_card(HubDatasetInfo(id="user/unsized", cardData=unsized), None) is None
+    assert _rows_per_record_batch_from_card(None, None) is None  # the repo check was skipped (offline)
+
+
 def test_single_image_class_stays_in_train_and_the_rest_is_still_stratified():
     labels = [0] * 10 + [1] * 10 + [2]  # class "c" has one image
     for seed in range(30):  # with stratification off for all, some seeds put "c" in validation only

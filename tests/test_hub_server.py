@@ -269,6 +269,45 @@ def test_datasets_push_to_hub_and_load_dataset(lfs_hub):
     assert {f.path.rsplit(".", 1)[-1] for f in files if getattr(f, "lfs", None)} == {"parquet", "md"}
 
 
+def test_hub_dataset_cache_holds_small_images_in_few_record_batches(lfs_hub, tmp_path):
+    """hftl's load of a Hub id sizes the Arrow cache's record batches from the card's split sizes (push_to_hub writes
+    them): datasets' default of 100 rows a batch put a header on every 64 KB of small images' cache, and all of it
+    in RSS. Same rows and labels as datasets' own load."""
+    out = _run_client(
+        lfs_hub,
+        f"""
+        import hashlib, json
+        import numpy as np
+        from datasets import ClassLabel, Dataset, Features, Image, load_dataset
+        from PIL import Image as PILImage
+        from hftl.config import DataArgs
+        from hftl.data import load_dataset_dict
+        from hftl.tasks.classification.task import ClassificationTask
+
+        rng = np.random.default_rng(0)
+        images = [PILImage.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)) for _ in range(350)]
+        features = Features({{"image": Image(), "label": ClassLabel(names=["a", "b", "c"])}})
+        pushed = Dataset.from_dict({{"image": images, "label": [i % 3 for i in range(350)]}}, features=features)
+        pushed.push_to_hub("hftl/small-images")
+
+        def described(train):
+            raw = train.cast_column("image", Image(decode=False))
+            digest = hashlib.sha256(b"".join(item["bytes"] for item in raw["image"])).hexdigest()
+            return {{"batches": [len(batch) for batch in train.data.to_batches()], "images": digest,
+                     "labels": list(train["label"])}}
+
+        default = load_dataset("hftl/small-images", cache_dir={str(tmp_path / "default")!r})["train"]
+        hftl = load_dataset_dict(DataArgs(dataset="hftl/small-images"), ClassificationTask())["train"]
+        print(json.dumps({{"default": described(default), "hftl": described(hftl)}}))
+        """,
+    )
+    loaded = json.loads(out.strip().splitlines()[-1])
+    assert loaded["default"]["batches"] == [100, 100, 100, 50]  # datasets' default for images
+    assert loaded["hftl"]["batches"] == [350]
+    assert loaded["hftl"]["images"] == loaded["default"]["images"]
+    assert loaded["hftl"]["labels"] == loaded["default"]["labels"] == [i % 3 for i in range(350)]
+
+
 def test_load_dataset_through_hf_endpoint(local_hub, hub_repo_id, tmp_path):
     """hftl.data calls load_dataset("user/name") with HF_ENDPOINT set: parquet + README uploaded in regular mode."""
     from datasets import Dataset, load_dataset
