@@ -134,7 +134,8 @@ def rows_per_record_batch(num_rows: int, num_bytes: int) -> int | None:
     """Rows per record batch of datasets' Arrow cache (its `writer_batch_size`) so that one batch holds
     ~ARROW_BATCH_BYTES, for data of `num_rows` rows and `num_bytes` uncompressed bytes; None (datasets' default) when
     either is unknown. datasets splits its readers' batches but never joins them: parquet files written in small row
-    groups (older datasets releases wrote 100 rows for images) keep batches that small whatever this says."""
+    groups (older datasets releases wrote 100 rows for images) keep batches that small whatever this says (the
+    parquet builder's `batch_size` option cannot join row groups either, and it would name another cache)."""
     if num_rows <= 0 or num_bytes <= 0:
         return None
     return int(min(max(ARROW_BATCH_BYTES * num_rows // num_bytes, 100), 100_000))
