@@ -40,7 +40,7 @@ _METADATA = pa.array([name.encode() for name in ImageFolder.METADATA_FILENAMES],
 _SEPARATORS = r"-._\s\x0b\x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
 _KEYWORDS = "|".join(name for names in SPLIT_FOLDERS.values() for name in names)
 _KEYWORD_WORD = f"(?:^|[{_SEPARATORS}])(?:{_KEYWORDS})[{_SEPARATORS}]"
-_CHUNKS = 32  # a depth's folders are read in this many tasks (a task per folder costs more than small ones)
+_CHUNKS = 32  # a depth's folders are read in this many tasks: a task per folder cost more than small folders' listing
 _FEW = 8  # a leaf folder's non-image names are stat-ed up to this many, else the folder is read again by scandir
 
 Runs = list[tuple[str, pa.StringArray]]  # (folder, the names of its image files), in the order of their paths
