@@ -181,6 +181,15 @@ def processor_interpolation(processor):
     return pil.get(int(resample) if resample is not None else -1, InterpolationMode.BILINEAR)
 
 
+def train_crop(processor, size: int, crop_scale_min: float):
+    """The random resized crop every task trains with: the processor's interpolation for images (torchvision's v2
+    resizes masks by nearest neighbour whatever it is told)."""
+    from torchvision.transforms import v2  # noqa: PLC0415 (torchvision only where augmenting)
+
+    interpolation = processor_interpolation(processor)
+    return v2.RandomResizedCrop(size, (crop_scale_min, 1.0), interpolation=interpolation, antialias=True)
+
+
 def processor_mean_std(processor) -> tuple[tuple, tuple]:
     if _is_timm(processor):
         return tuple(processor.data_config["mean"]), tuple(processor.data_config["std"])

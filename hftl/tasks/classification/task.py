@@ -16,9 +16,9 @@ from hftl.modeling import (
     ensure_rgb,
     load_model_and_processor,
     processor_input_size,
-    processor_interpolation,
     resize_processor,
     resolve_model_path,
+    train_crop,
 )
 from hftl.pixels import pixel_steps, processor_pixels
 from hftl.strategies import last_linear_named, peft_base
@@ -359,11 +359,7 @@ def _random_crop_and_flip(processor, data_args) -> list:
     """The train augmentation both data paths draw (PIL images per epoch, or uint8 tensors decoded once)."""
     from torchvision.transforms import v2
 
-    size = processor_input_size(processor)
-    interpolation = processor_interpolation(processor)
-    steps = [
-        v2.RandomResizedCrop(size, scale=(data_args.crop_scale_min, 1.0), interpolation=interpolation, antialias=True)
-    ]
+    steps = [train_crop(processor, processor_input_size(processor), data_args.crop_scale_min)]
     return steps + [v2.RandomHorizontalFlip()] if data_args.hflip else steps
 
 

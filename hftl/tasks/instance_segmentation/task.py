@@ -16,7 +16,7 @@ from datasets import DatasetDict
 from hftl.bundled import register_dataset
 from hftl.data import ROW_COLUMN, add_row_numbers
 from hftl.log import get_logger
-from hftl.modeling import ensure_rgb, processor_input_size, processor_interpolation, processor_mean_std
+from hftl.modeling import ensure_rgb, processor_input_size, processor_interpolation, processor_mean_std, train_crop
 from hftl.tasks import mask_classification as mc
 from hftl.tasks.base import Task
 from hftl.tasks.instance_segmentation import data as isd
@@ -122,12 +122,10 @@ class InstanceSegmentationTask(Task):
         processor = mc.image_processor_of(processor)
         size = processor_input_size(processor)
         # images resized as the saved processor (evaluation, pipeline()) resizes them; masks always nearest
-        interpolation = processor_interpolation(processor)
-        crop = v2.RandomResizedCrop(size, (data_args.crop_scale_min, 1.0), interpolation=interpolation, antialias=True)
-        geometric = [crop]
+        geometric = [train_crop(processor, size, data_args.crop_scale_min)]
         if data_args.hflip:
             geometric.insert(0, v2.RandomHorizontalFlip())
-        resize = v2.Resize((size, size), interpolation, antialias=True)
+        resize = v2.Resize((size, size), processor_interpolation(processor), antialias=True)
         augment = v2.Compose(geometric) if data_args.augment else resize
         normalise = v2.Normalize(*processor_mean_std(processor))
         columns = (self.image_column, self.annotation_column, self.layout, self.num_labels)

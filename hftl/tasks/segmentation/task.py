@@ -22,6 +22,7 @@ from hftl.modeling import (
     processor_interpolation,
     processor_mean_std,
     resize_processor,
+    train_crop,
 )
 from hftl.strategies import peft_base
 from hftl.tasks import mask_classification as mc
@@ -205,11 +206,9 @@ class SegmentationTask(Task):
 
         size = processor_input_size(processor)
         mean, std = processor_mean_std(processor)
-        # Geometric steps see the image and its mask together: the same crop and flip, nearest for masks.
-        # images resized as the saved processor (evaluation, pipeline()) resizes them; masks always nearest
-        interpolation = processor_interpolation(processor)
-        crop = v2.RandomResizedCrop(size, (data_args.crop_scale_min, 1.0), interpolation=interpolation, antialias=True)
-        geometric = [crop]
+        # Geometric steps see the image and its mask together: the same crop and flip; the image resized as the saved
+        # processor (evaluation, pipeline()) resizes it, the mask by nearest neighbour.
+        geometric = [train_crop(processor, size, data_args.crop_scale_min)]
         if data_args.hflip:
             geometric.append(v2.RandomHorizontalFlip())
         to_model = [
@@ -217,7 +216,7 @@ class SegmentationTask(Task):
             v2.Normalize(mean, std),
         ]
         augment = v2.Compose(geometric + to_model)
-        plain = v2.Compose([v2.Resize((size, size), interpolation, antialias=True)] + to_model)
+        plain = v2.Compose([v2.Resize((size, size), processor_interpolation(processor), antialias=True)] + to_model)
         assert spec is not None and isinstance(spec.task_data, sd.MaskSpec), "prepare needs data_spec()'s DataSpec"
         masks = spec.task_data
         image_col, mask_col = spec.image_column, masks.mask_column
